@@ -1,0 +1,41 @@
+"""CriterionCallback: the loss from ``runner.batch`` into ``batch_metrics``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ddprun.callbacks._access import batch_value, select
+from ddprun.core.callback import Callback, CallbackOrder
+
+
+class CriterionCallback(Callback):
+    """Compute ``criterion(batch[input_key], batch[target_key])`` into ``batch_metrics[metric_key]``.
+
+    Runs on train and evaluation loaders (not ``infer*``); the loader value is the
+    sample-weighted mean, exact across ranks. The loss keeps its graph for OptimizerCallback.
+    """
+
+    def __init__(
+        self,
+        input_key: str,
+        target_key: str,
+        metric_key: str = "loss",
+        criterion_key: str | None = None,
+    ) -> None:
+        super().__init__(order=CallbackOrder.Metric)
+        self.input_key, self.target_key = input_key, target_key
+        self.metric_key, self.criterion_key = metric_key, criterion_key
+        self._criterion: Any = None
+
+    def on_stage_start(self, runner: Any) -> None:
+        self._criterion = select(
+            runner.criterion, self.criterion_key, "criterion", "CriterionCallback"
+        )
+
+    def on_batch_end(self, runner: Any) -> None:
+        if runner.is_infer_loader:
+            return
+        inputs = batch_value(runner, self.input_key, "CriterionCallback")
+        targets = batch_value(runner, self.target_key, "CriterionCallback")
+        with runner.engine.autocast():
+            runner.batch_metrics[self.metric_key] = self._criterion(inputs, targets)

@@ -1,0 +1,146 @@
+"""Metric callbacks: accuracy, precision/recall/F1/support and the confusion matrix.
+
+Each keeps a stateful metric from ``ddprun.metrics``, resets it at loader start, registers it
+with ``runner.track_metric`` (so the runner syncs all metrics of a loader in one reduction) and
+updates it per batch with no host sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddprun.callbacks._access import batch_value
+from ddprun.core.callback import Callback, CallbackOrder
+from ddprun.metrics import AccuracyMetric, ConfusionMatrixMetric, Metric
+from ddprun.metrics import MulticlassPrecisionRecallF1SupportMetric as PRFMetric
+
+
+class _LoaderMetricCallback(Callback):
+    """Shared wiring: one metric per callback, reset and tracked at loader start."""
+
+    def __init__(self, input_key: str, target_key: str) -> None:
+        super().__init__(order=CallbackOrder.Metric)
+        self.input_key, self.target_key = input_key, target_key
+        self.metric: Metric | None = None
+
+    def _make_metric(self) -> Metric:
+        raise NotImplementedError
+
+    def on_loader_start(self, runner: Any) -> None:
+        if self.metric is None:
+            self.metric = self._make_metric()
+        self.metric.to(runner.device)
+        self.metric.reset()
+        runner.track_metric(self.metric)
+
+    def _inputs(self, runner: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        owner = type(self).__name__
+        outputs = batch_value(runner, self.input_key, owner)
+        return outputs.detach(), batch_value(runner, self.target_key, owner)
+
+    def on_batch_end(self, runner: Any) -> None:
+        if not runner.is_infer_loader:
+            self.metric.update(*self._inputs(runner))
+
+    def on_loader_end(self, runner: Any) -> None:
+        if not runner.is_infer_loader:
+            runner.loader_metrics.update(self.metric.compute_key_value())
+
+
+class AccuracyCallback(_LoaderMetricCallback):
+    """``accuracy01``, ``accuracy03``, ... per batch (tensors) and exact per loader.
+
+    Args:
+        input_key: logits in ``runner.batch``. target_key: integer labels.
+        topk_args: the k values (default (1,)).
+        num_classes: accepted for Catalyst compatibility; not needed.
+        log_on_batch: also put each batch's accuracies into ``batch_metrics``.
+    """
+
+    def __init__(
+        self,
+        input_key: str,
+        target_key: str,
+        topk_args: Sequence[int] = (1,),
+        num_classes: int | None = None,
+        log_on_batch: bool = True,
+    ) -> None:
+        super().__init__(input_key, target_key)
+        self.topk_args = tuple(topk_args or (1,))
+        self.log_on_batch = log_on_batch
+
+    def _make_metric(self) -> Metric:
+        return AccuracyMetric(topk=self.topk_args)
+
+    def on_batch_end(self, runner: Any) -> None:
+        if runner.is_infer_loader:
+            return
+        values = self.metric.update(*self._inputs(runner))
+        if self.log_on_batch:
+            for k, value in zip(self.topk_args, values):
+                runner.batch_metrics[f"accuracy{k:02d}"] = value
+
+
+class PrecisionRecallF1SupportCallback(_LoaderMetricCallback):
+    """Loader metrics ``precision/_micro`` ... ``f1/_weighted`` and per class
+    ``precision/class_00`` ... ``support/class_NN``, exact across ranks (loader level only)."""
+
+    def __init__(
+        self,
+        input_key: str,
+        target_key: str,
+        num_classes: int,
+        zero_division: float = 0,
+        log_on_batch: bool = False,
+    ) -> None:
+        super().__init__(input_key, target_key)
+        self.num_classes, self.zero_division = int(num_classes), zero_division
+
+    def _make_metric(self) -> Metric:
+        return PRFMetric(num_classes=self.num_classes, zero_division=self.zero_division)
+
+
+class ConfusionMatrixCallback(_LoaderMetricCallback):
+    """The loader's confusion matrix (rows: targets, columns: predictions), exact across ranks.
+
+    Kept as ``.matrix`` (a CPU tensor) after each loader, logged as an image (tag
+    ``<prefix>/<loader_key>``) to loggers that take images; not put in ``loader_metrics``.
+    """
+
+    def __init__(
+        self,
+        input_key: str,
+        target_key: str,
+        num_classes: int,
+        normalize: bool = False,
+        prefix: str = "confusion_matrix",
+    ) -> None:
+        super().__init__(input_key, target_key)
+        self.num_classes, self.normalize, self.prefix = int(num_classes), normalize, prefix
+        self.matrix: torch.Tensor | None = None
+
+    def _make_metric(self) -> Metric:
+        return ConfusionMatrixMetric(num_classes=self.num_classes, normalize=self.normalize)
+
+    def on_loader_end(self, runner: Any) -> None:
+        if runner.is_infer_loader:
+            return
+        self.matrix = self.metric.compute().detach().cpu()
+        runner.log_image(f"{self.prefix}/{runner.loader_key}", render_matrix(self.matrix))
+
+
+def render_matrix(matrix: torch.Tensor, cell: int = 16) -> np.ndarray:
+    """A heat map of `matrix` as an HxWx3 uint8 image (white = 0, dark blue = row maximum)."""
+    values = matrix.double()
+    row_max = values.max(dim=1, keepdim=True).values.clamp_min(1e-12)
+    shade = (values / row_max).numpy()
+    image = np.empty(shade.shape + (3,), dtype=np.float64)
+    image[..., 0] = 255 * (1 - shade)
+    image[..., 1] = 255 * (1 - 0.8 * shade)
+    image[..., 2] = 255 - 90 * shade
+    image = np.repeat(np.repeat(image, cell, axis=0), cell, axis=1)
+    return image.round().astype(np.uint8)

@@ -1,0 +1,35 @@
+"""TimerCallback: batch time, data time and samples per second into the batch metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ddprun.core.callback import Callback, CallbackOrder
+
+
+class TimerCallback(Callback):
+    """``_timer/batch_time``, ``_timer/data_time`` (waiting for the loader) and ``_timer/_fps``.
+
+    Host wall-clock times: on CUDA, kernels still running are not waited for (no sync).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(order=CallbackOrder.Metric + 1)
+        self._batch_start = 0.0
+        self._previous_end: float | None = None
+
+    def on_loader_start(self, runner: Any) -> None:
+        self._previous_end = time.perf_counter()
+
+    def on_batch_start(self, runner: Any) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_batch_end(self, runner: Any) -> None:
+        now = time.perf_counter()
+        batch_time = max(now - self._batch_start, 1e-9)
+        data_time = self._batch_start - (self._previous_end or self._batch_start)
+        runner.batch_metrics["_timer/batch_time"] = batch_time
+        runner.batch_metrics["_timer/data_time"] = data_time
+        runner.batch_metrics["_timer/_fps"] = runner.batch_size / batch_time
+        self._previous_end = now

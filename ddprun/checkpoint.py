@@ -1,0 +1,206 @@
+"""Checkpoint I/O: pack and unpack component states, atomic save, verified load.
+
+Plain I/O only. Who writes (rank 0) and who waits (the barrier) is the engine's decision.
+Checkpoints hold Python and NumPy RNG states besides tensors, so loading uses
+``torch.load(weights_only=False)``: load only files you trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "pack_checkpoint",
+    "unpack_checkpoint",
+    "save_checkpoint",
+    "save_json",
+    "rng_state",
+    "restore_rng_state",
+    "load_checkpoint",
+    "unwrap_module",
+]
+
+COMPONENTS = ("model", "criterion", "optimizer", "scheduler")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is unreadable, foreign, or does not fit the components."""
+
+
+def unwrap_module(module: Any) -> Any:
+    """The module inside DataParallel/DistributedDataParallel wrappers (others unchanged)."""
+    while isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        module = module.module
+    return module
+
+
+def _state_of(obj: Any) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, Mapping):
+        return {key: _state_of(value) for key, value in obj.items()}
+    obj = unwrap_module(obj)
+    return obj.state_dict() if hasattr(obj, "state_dict") else None
+
+
+def pack_checkpoint(
+    model: Any = None,
+    criterion: Any = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A checkpoint dict: ``<component>_state_dict`` for each component, plus `extra`.
+
+    Dict components give a dict of state dicts, key by key. Wrapped models are unwrapped,
+    so keys never carry a ``module.`` prefix.
+    """
+    components = {"model": model, "criterion": criterion, "optimizer": optimizer}
+    components["scheduler"] = scheduler
+    checkpoint = {f"{name}_state_dict": _state_of(obj) for name, obj in components.items()}
+    checkpoint.update(extra)
+    return checkpoint
+
+
+def _load_into(obj: Any, state: Any, name: str, source: str) -> None:
+    if obj is None or state is None:
+        return
+    if isinstance(obj, Mapping):
+        if not isinstance(state, Mapping) or set(obj) - set(state):
+            have = sorted(state) if isinstance(state, Mapping) else "a single state dict"
+            raise CheckpointError(
+                f"{source}: {name} is a dict with keys {sorted(obj)}, "
+                f"but the checkpoint holds {have}"
+            )
+        for key, value in obj.items():
+            _load_into(value, state[key], f"{name}[{key!r}]", source)
+        return
+    target = unwrap_module(obj)
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(
+            f"{source}: the saved {name} state does not fit the {name} "
+            f"({type(target).__name__}): {error}"
+        ) from error
+
+
+def unpack_checkpoint(
+    checkpoint: Mapping[str, Any],
+    model: Any = None,
+    criterion: Any = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    source: str = "checkpoint",
+) -> None:
+    """Load the states of `checkpoint` into the given components (dicts key by key).
+
+    Raises:
+        CheckpointError: naming `source` and the component when a state does not fit.
+    """
+    given = {"model": model, "criterion": criterion, "optimizer": optimizer}
+    given["scheduler"] = scheduler
+    for name, obj in given.items():
+        if obj is None:
+            continue
+        key = f"{name}_state_dict"
+        if key not in checkpoint:
+            raise CheckpointError(f"{source} has no {key} (it holds {sorted(checkpoint)})")
+        _load_into(obj, checkpoint[key], name, source)
+
+
+def _atomic_write(path: Path, write: Any) -> Path:
+    """Write through `write(handle)` to a temp file beside `path`, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
+    """Write `obj` to `path` atomically: temp file in the same folder, fsync, rename.
+
+    A crash at any point leaves either the old file or the new one, never a truncated one,
+    and the temporary file is removed when the write fails.
+    """
+    return _atomic_write(Path(path), lambda handle: torch.save(obj, handle))
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write `obj` as indented JSON, atomically (same rules as `save_checkpoint`)."""
+    data = json.dumps(obj, indent=2, sort_keys=True).encode()
+    return _atomic_write(Path(path), lambda handle: handle.write(data))
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch and CUDA generator states, for checkpoints."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state()}
+    state["torch"] = torch.get_rng_state()
+    state["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return state
+
+
+def restore_rng_state(state: dict[str, Any] | None) -> None:
+    """Restore what `rng_state()` captured (CUDA only when the device count matches)."""
+    if not state:
+        return
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself is durable only once the directory entry is on disk.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU, with a clear error for a missing, truncated or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for a damaged file
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({size} bytes): the file is truncated or not a "
+            f"torch checkpoint ({type(error).__name__}: {error})"
+        ) from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(checkpoint).__name__}, expected a checkpoint dict"
+        )
+    return checkpoint

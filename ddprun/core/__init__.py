@@ -1,0 +1,1 @@
+"""The runner's event loop and the callback base classes."""

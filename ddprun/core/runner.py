@@ -1,0 +1,395 @@
+"""IRunner: the one event loop (experiment > stage > epoch > loader > batch) and the run's state.
+
+Runner state, readable by callbacks and user code at any point (counters are 1-based once
+incremented):
+
+=====================================  ===========================================================
+attribute                              meaning
+=====================================  ===========================================================
+engine, device                         the engine in use and its torch device
+model, criterion, optimizer, scheduler current stage's components (object or dict of them)
+loaders, callbacks, loggers            current stage's dicts (loggers: rank 0 only)
+stage_key, stage_epoch_len             stage name and its number of epochs
+stage_epoch_step                       epoch within the stage (event: epoch_start)
+global_epoch_step                      epochs over all stages (event: epoch_start)
+global_batch_step, global_sample_step  train batches of this process / train samples of all ranks
+                                       (event: batch_start, train loaders only)
+loader_key, loader_batch_len           current loader and its number of batches on this rank
+loader_batch_step, loader_sample_step  batches of this rank / samples of all ranks in this loader
+loader_batch_size, batch_size          the loader's batch size / this batch's size on this rank
+is_train_loader, is_valid_loader,      by key prefix: ``train*`` trains, ``infer*`` infers,
+is_infer_loader                        anything else evaluates
+batch, batch_metrics                   the batch dict `handle_batch` fills; this batch's metrics
+loader_metrics, epoch_metrics          finished loader's metrics (floats, exact across ranks);
+                                       ``{loader_key: {metric: float}}`` of the epoch
+need_early_stop                        set by callbacks: ends the loader (mid-batch) or the stage
+need_exception_reraise                 set False by a callback to swallow the run's exception
+=====================================  ===========================================================
+
+Sample counters add ``batch_size * world_size`` per batch, so curves from runs of different
+world sizes line up (the last, uneven batch of an unpadded evaluation split is counted as full).
+
+Dispatch: for ``*_start`` events the runner's own bookkeeping runs before the callbacks, for
+``*_end`` events after them, so metric callbacks fill `loader_metrics` before it is logged. At
+loader end every tracked metric (see `track_metric`) and the per-key averages of `batch_metrics`
+are synced across ranks together, in one packed reduction, around the callbacks' ``on_loader_end``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ddprun.core.callback import Callback, Event, build_dispatch, keep_for_rank, sort_callbacks
+from ddprun.metrics import AdditiveMetric, Metric, synchronized
+from ddprun.utils import set_global_seed
+
+
+class RunnerError(RuntimeError):
+    """The runner was given something it cannot run (names what and what was expected)."""
+
+
+class IRunner:
+    """Owns the loop and the state; users override the ``get_*`` factories and `handle_batch`.
+
+    Args:
+        model: optional model (or dict of models) returned by the default `get_model`.
+        engine: optional engine returned by the default `get_engine`.
+    """
+
+    def __init__(self, model: Any = None, engine: Any = None) -> None:
+        self.model = model
+        self.engine = engine
+        self.criterion = self.optimizer = self.scheduler = None
+        self.loaders: dict[str, Any] = {}
+        self.callbacks: dict[str, Callback] = {}
+        self.loggers: dict[str, Any] = {}
+        self._dispatch: dict[Event, list[Callback]] = {event: [] for event in Event}
+        self._reset_experiment_state()
+        self.stage_key = "infer"
+        self.stage_epoch_len = self.stage_epoch_step = 0
+        self.loader_key = None
+        self.is_train_loader = self.is_valid_loader = self.is_infer_loader = False
+        self.batch: Any = None
+        self.batch_size = 0
+        self.batch_metrics: dict[str, Any] = {}
+        self.loader_metrics: dict[str, float] = {}
+        self.epoch_metrics: dict[str, dict[str, float]] = {}
+
+    # ------------------------------------------------------------ user surface
+    @property
+    def stages(self) -> list[str]:
+        """Stage names, run in order."""
+        raise NotImplementedError("define the `stages` property (a list of stage names)")
+
+    @property
+    def seed(self) -> int:
+        """Base seed of the run."""
+        return 42
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """Hyper-parameters handed to the loggers at experiment start."""
+        return {}
+
+    @property
+    def device(self) -> torch.device:
+        """The engine's torch device."""
+        return self.engine.device
+
+    def get_stage_len(self, stage: str) -> int:
+        """Number of epochs of `stage` (default 1)."""
+        return 1
+
+    def get_engine(self) -> Any:
+        """The engine (default: the one given to the constructor, else DeviceEngine())."""
+        if self.engine is not None:
+            return self.engine
+        from ddprun.engines import DeviceEngine
+
+        return DeviceEngine()
+
+    def get_loggers(self) -> dict[str, Any]:
+        """Loggers for the whole experiment (default: a console logger)."""
+        from ddprun.loggers import ConsoleLogger
+
+        return {"console": ConsoleLogger()}
+
+    def get_loaders(self, stage: str) -> Mapping[str, Any]:
+        """Loaders of `stage`, run in dict order."""
+        raise NotImplementedError("define get_loaders(stage) returning a dict of DataLoaders")
+
+    def get_model(self, stage: str) -> Any:
+        """Model (or dict of models) of `stage`; default: the one given to the constructor."""
+        return self.model
+
+    def get_criterion(self, stage: str) -> Any:
+        """Criterion (or dict) of `stage`; default none."""
+        return None
+
+    def get_optimizer(self, stage: str, model: Any) -> Any:
+        """Optimizer (or dict) of `stage` for `model`; default none."""
+        return None
+
+    def get_scheduler(self, stage: str, optimizer: Any) -> Any:
+        """Scheduler (or dict) of `stage` for `optimizer`; default none."""
+        return None
+
+    def get_callbacks(self, stage: str) -> Mapping[str, Callback]:
+        """Callbacks of `stage` (a dict, or a list); default none."""
+        return {}
+
+    def handle_batch(self, batch: Any) -> None:
+        """One step: fill `self.batch` (and `batch_metrics`). The older name `_handle_batch`
+        is honoured when a subclass defines that instead."""
+        if type(self)._handle_batch is not IRunner._handle_batch:
+            return self._handle_batch(batch)
+        raise NotImplementedError(f"{type(self).__name__} must define handle_batch(self, batch)")
+
+    def _handle_batch(self, batch: Any) -> None:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------- metric sync
+    def track_metric(self, metric: Metric) -> Metric:
+        """Have `metric` synced across ranks at this loader's end, with everything else.
+
+        Metric callbacks call this in ``on_loader_start`` (after the runner's reset).
+        """
+        self._tracked_metrics.append(metric)
+        return metric
+
+    # ------------------------------------------------------------------ logging
+    def log_metrics(self, metrics: Mapping[str, Any], scope: str) -> None:
+        """Hand `metrics` to every logger (rank 0 only has loggers)."""
+        for logger in self.loggers.values():
+            logger.log_metrics(metrics, scope, self)
+
+    def log_image(self, tag: str, image: Any, scope: str = "loader") -> None:
+        """Hand an image (HxWxC uint8 array or CxHxW tensor) to the loggers."""
+        for logger in self.loggers.values():
+            logger.log_image(tag, image, scope, self)
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> IRunner:
+        """Run the experiment: every stage, in this process or in spawned DDP workers."""
+        self.engine = self.get_engine()
+        if self.engine.needs_spawn():
+            self.engine.spawn(self)
+            return self
+        self._run_guarded()
+        return self
+
+    def _run_guarded(self) -> None:
+        try:
+            self._run_experiment()
+        except BaseException as error:
+            self.exception = error
+            self.need_exception_reraise = True
+            self._fire_callbacks(Event.EXCEPTION)
+            self._close_loggers()
+            if self.need_exception_reraise:
+                raise
+
+    def _run_experiment(self) -> None:
+        self._reset_experiment_state()
+        self.engine.setup()
+        self.loggers = dict(self.get_loggers() or {}) if self.engine.is_master else {}
+        self._batch_loggers = [lg for lg in self.loggers.values() if _logs_batches(lg)]
+        for logger in self.loggers.values():
+            logger.log_hparams(self.hparams, self)
+        for stage in self.stages:
+            self._run_stage(stage)
+        self._fire_callbacks(Event.EXPERIMENT_END)
+        self._close_loggers()
+        self.engine.teardown()
+
+    def _run_stage(self, stage: str) -> None:
+        self._start_stage(stage)
+        self._fire_callbacks(Event.STAGE_START)
+        while self.stage_epoch_step < self.stage_epoch_len:
+            self._run_epoch()
+            if self.need_early_stop:
+                self.need_early_stop = False
+                break
+        self._fire_callbacks(Event.STAGE_END)
+        self.model = self.engine.unwrap(self.model)
+
+    def _run_epoch(self) -> None:
+        self.global_epoch_step += 1
+        self.stage_epoch_step += 1
+        self.epoch_metrics = {}
+        set_global_seed(self.seed + self.global_epoch_step + max(self.engine.rank, 0))
+        self._fire_callbacks(Event.EPOCH_START)
+        for loader_key, loader in self.loaders.items():
+            self._run_loader(loader_key, loader)
+        self._fire_callbacks(Event.EPOCH_END)
+        self.log_metrics(self.epoch_metrics, scope="epoch")
+        for logger in self.loggers.values():
+            logger.flush_log()
+
+    def _run_loader(self, loader_key: str, loader: Any) -> None:
+        self._start_loader(loader_key, loader)
+        self._fire_callbacks(Event.LOADER_START)
+        with torch.set_grad_enabled(self.is_train_loader):
+            for batch in loader:
+                self._run_batch(batch)
+                if self.need_early_stop:
+                    self.need_early_stop = False
+                    break
+        self._end_loader()
+
+    def _run_batch(self, batch: Any) -> None:
+        self.batch = self.engine.move(batch)
+        self.batch_size = _batch_size(self.batch)
+        self.batch_metrics = {}
+        samples = self.batch_size * self.engine.world_size
+        self.loader_batch_step += 1
+        self.loader_sample_step += samples
+        if self.is_train_loader:
+            self.global_batch_step += 1
+            self.global_sample_step += samples
+        self._fire_callbacks(Event.BATCH_START)
+        with self.engine.autocast():
+            self.handle_batch(self.batch)
+        self._fire_callbacks(Event.BATCH_END)
+        self._average_batch_metrics()
+        if self._batch_loggers:
+            for logger in self._batch_loggers:
+                logger.log_metrics(self.batch_metrics, "batch", self)
+
+    # ------------------------------------------------------------- bookkeeping
+    def _reset_experiment_state(self) -> None:
+        self.global_epoch_step = self.global_batch_step = self.global_sample_step = 0
+        self.need_early_stop = False
+        self.need_exception_reraise = True
+        self.exception: BaseException | None = None
+        self._tracked_metrics: list[Metric] = []
+        self._batch_averages: dict[str, AdditiveMetric] = {}
+        self._batch_loggers: list[Any] = []
+
+    def _start_stage(self, stage: str) -> None:
+        self.stage_key = stage
+        self.stage_epoch_len = int(self.get_stage_len(stage))
+        self.stage_epoch_step = 0
+        # Same seed on every rank: components must start identical everywhere.
+        set_global_seed(self.seed + self.global_epoch_step)
+        self.loaders = self.engine.prepare_loaders(
+            _check_loaders(self.get_loaders(stage)), self.seed
+        )
+        model = self.get_model(stage)
+        if model is None:
+            raise RunnerError(f"get_model({stage!r}) returned None; expected a module or a dict")
+        self.criterion = self.get_criterion(stage)
+        self.optimizer = self.get_optimizer(stage, model)
+        self.scheduler = self.get_scheduler(stage, self.optimizer)
+        self.model = self.engine.prepare_model(model)
+        self.criterion = self.engine.prepare_criterion(self.criterion)
+        callbacks = sort_callbacks(self.get_callbacks(stage))
+        rank = self.engine.rank
+        self.callbacks = {k: cb for k, cb in callbacks.items() if keep_for_rank(cb, rank)}
+        self._dispatch = build_dispatch(self.callbacks)
+
+    def _start_loader(self, loader_key: str, loader: Any) -> None:
+        self.loader_key = loader_key
+        self.loader = loader
+        self.is_train_loader = loader_key.startswith("train")
+        self.is_infer_loader = loader_key.startswith("infer")
+        self.is_valid_loader = not (self.is_train_loader or self.is_infer_loader)
+        self.loader_batch_len = len(loader)
+        self.loader_batch_size = _loader_batch_size(loader)
+        self.loader_batch_step = self.loader_sample_step = 0
+        self.loader_metrics = {}
+        self._tracked_metrics = []
+        self._batch_averages = {}
+        _set_train_mode(self.model, self.is_train_loader)
+        _set_sampler_epoch(loader, self.global_epoch_step)
+
+    def _average_batch_metrics(self) -> None:
+        # Every batch_metrics value is averaged over the loader, weighted by batch size, in
+        # tensors on the device: no host sync per batch.
+        for key, value in self.batch_metrics.items():
+            average = self._batch_averages.get(key)
+            if average is None:
+                average = AdditiveMetric(metric_key=key).to(self.device)
+                self._batch_averages[key] = average
+            average.update(value, self.batch_size)
+
+    def _end_loader(self) -> None:
+        metrics = self._tracked_metrics + list(self._batch_averages.values())
+        with synchronized(metrics, self.engine.collectives):
+            self._fire_callbacks(Event.LOADER_END)
+            for key, average in self._batch_averages.items():
+                if key not in self.loader_metrics:
+                    self.loader_metrics[key] = average.compute()[0]
+        self.loader_metrics = {k: _to_float(v) for k, v in self.loader_metrics.items()}
+        self.epoch_metrics[self.loader_key] = dict(self.loader_metrics)
+        self.log_metrics(self.loader_metrics, scope="loader")
+
+    def _fire_callbacks(self, event: Event) -> None:
+        for callback in self._dispatch[event]:
+            getattr(callback, event.value)(self)
+
+    def _close_loggers(self) -> None:
+        for logger in self.loggers.values():
+            logger.flush_log()
+            logger.close_log()
+
+
+# --------------------------------------------------------------------- helpers
+def _logs_batches(logger: Any) -> bool:
+    return bool(getattr(logger, "log_batch_metrics", False))
+
+
+def _check_loaders(loaders: Any) -> dict[str, Any]:
+    if not isinstance(loaders, Mapping) or not loaders:
+        raise RunnerError(f"get_loaders must return a non-empty dict of loaders, got {loaders!r}")
+    for key, loader in loaders.items():
+        try:
+            size = len(loader)
+        except TypeError:
+            continue  # iterable-style loaders have no length
+        if size == 0:
+            raise RunnerError(f"loader {key!r} is empty (0 batches); every loader needs data")
+    return dict(loaders)
+
+
+def _batch_size(batch: Any) -> int:
+    first = batch
+    if isinstance(batch, Mapping):
+        first = next(iter(batch.values()), None)
+    elif isinstance(batch, (list, tuple)) and batch:
+        first = batch[0]
+    if isinstance(first, torch.Tensor):
+        return int(first.shape[0]) if first.dim() else 1
+    return len(first) if hasattr(first, "__len__") else 1
+
+
+def _loader_batch_size(loader: Any) -> int | None:
+    size = getattr(loader, "batch_size", None)
+    if size is None:
+        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return size
+
+
+def _set_train_mode(model: Any, train: bool) -> None:
+    modules = model.values() if isinstance(model, Mapping) else [model]
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            module.train(train)
+
+
+def _set_sampler_epoch(loader: Any, epoch: int) -> None:
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for candidate in (sampler, getattr(batch_sampler, "sampler", None), batch_sampler):
+        if hasattr(candidate, "set_epoch"):
+            candidate.set_epoch(epoch)
+            return
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.detach())
+    return float(value)

@@ -1,0 +1,310 @@
+"""DDP engines: join a launched process group, or spawn the workers themselves; DDP wrapping,
+distributed samplers, collectives and rank-0 checkpoint writes.
+
+Process creation (`spawn`, used under plain ``python script.py``) is kept apart from
+process-group setup (`setup`, done in each worker), so the same engine works under ``ddprun``,
+``torchrun``, SLURM or its own spawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from ddprun import distributed
+from ddprun.data.samplers import (
+    DistributedSamplerWrapper,
+    ResumableDistributedSampler,
+    UnpaddedDistributedSampler,
+)
+from ddprun.engines.device import parse_dtype
+from ddprun.engines.engine import IEngine, map_components
+from ddprun.engines.precision import MixedPrecision
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+_LOADER_KWARGS = (
+    "batch_size",
+    "num_workers",
+    "collate_fn",
+    "pin_memory",
+    "drop_last",
+    "timeout",
+    "worker_init_fn",
+    "multiprocessing_context",
+    "generator",
+    "prefetch_factor",
+    "persistent_workers",
+    "pin_memory_device",
+)
+
+
+class DistributedDataParallelEngine(IEngine):
+    """Data-parallel training over N processes (gloo on CPU, NCCL on GPUs).
+
+    Args:
+        address, port: rendezvous for spawn mode (default 127.0.0.1 and a free port).
+        world_size: processes to spawn under plain python (default: visible GPUs, or 2).
+        backend: "gloo" or "nccl" (default: nccl with CUDA, else gloo; ``DDPRUN_BACKEND``).
+        sync_bn: convert BatchNorm layers to SyncBatchNorm.
+        ddp_kwargs: passed to ``DistributedDataParallel`` (e.g. find_unused_parameters).
+        process_group_kwargs: passed to ``init_process_group`` (e.g. ``timeout`` as a
+            ``datetime.timedelta`` or seconds).
+    """
+
+    is_ddp = True
+
+    def __init__(
+        self,
+        address: str | None = None,
+        port: int | str | None = None,
+        world_size: int | None = None,
+        backend: str | None = None,
+        sync_bn: bool = False,
+        ddp_kwargs: dict[str, Any] | None = None,
+        process_group_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__("cpu")
+        self.address = address or "127.0.0.1"
+        self.port = int(port) if port is not None else None
+        self.spawn_world_size = world_size
+        self.backend = backend
+        self.sync_bn = sync_bn
+        self.ddp_kwargs = dict(ddp_kwargs or {})
+        self.process_group_kwargs = dict(process_group_kwargs or {})
+        self.rank, self.local_rank, self.world_size = -1, -1, 1
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size}, "
+            f"device={str(self.device)!r}, precision={self.precision.name})"
+        )
+
+    # ----------------------------------------------------------------- process
+    def needs_spawn(self) -> bool:
+        """True under plain ``python``: no launcher environment and no group yet."""
+        return not distributed.is_launched() and not dist.is_initialized()
+
+    def spawn(self, runner: Any) -> None:
+        """Run ``runner.run()`` in `world_size` spawned workers; rank 0's model comes back.
+
+        The parent waits, raises if a worker failed (naming its rank), and otherwise loads
+        rank 0's trained weights and final metrics into `runner`.
+        """
+        import torch.multiprocessing as mp
+
+        _refuse_nested_spawn()
+        world_size = self.spawn_world_size or torch.cuda.device_count() or 2
+        if self.spawn_world_size is None:
+            print(
+                f"[ddprun] spawning {world_size} worker processes "
+                f"({'one per GPU' if torch.cuda.is_available() else 'CPU, gloo'})",
+                flush=True,
+            )
+        port = self.port or distributed.find_free_port(self.address)
+        with tempfile.TemporaryDirectory(prefix="ddprun-spawn-") as folder:
+            result_path = Path(folder) / "rank0.pt"
+            args = (runner, world_size, self.address, port, str(result_path))
+            try:
+                mp.start_processes(
+                    _spawned_worker, args=args, nprocs=world_size, join=True, start_method="spawn"
+                )
+            except mp.ProcessRaisedException as error:
+                raise RuntimeError(
+                    f"DDP worker rank {error.error_index} failed:\n{error}"
+                ) from None
+            except mp.ProcessExitedException as error:
+                raise RuntimeError(f"DDP worker rank {error.error_index} died: {error}") from None
+            _adopt_rank0_result(runner, torch.load(result_path, weights_only=False))
+
+    def setup(self) -> None:
+        """Join the process group described by the environment (one per run)."""
+        if not dist.is_initialized():
+            kwargs = dict(self.process_group_kwargs)
+            timeout = kwargs.pop("timeout", None)
+            if isinstance(timeout, (int, float)):
+                timeout = datetime.timedelta(seconds=timeout)
+            distributed.init_process_group(backend=self.backend, timeout=timeout, **kwargs)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        cuda = dist.get_backend() == "nccl" and torch.cuda.is_available()
+        self._device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
+        if isinstance(self.precision, MixedPrecision):
+            self.precision = type(self.precision)(self._device.type, self.precision.dtype)
+
+    def teardown(self) -> None:
+        """Leave the group cleanly (see ``ddprun.distributed.shutdown_process_group``)."""
+        distributed.shutdown_process_group()
+
+    # -------------------------------------------------------------- components
+    def prepare_model(self, model: Any) -> Any:
+        """Per entry: to the device, SyncBatchNorm if asked, DDP if it has trainable params."""
+        return map_components(model, self._wrap)
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        module = self.unwrap(module).to(self.device)
+        if not any(p.requires_grad for p in module.parameters()):
+            return module  # frozen modules need no gradient sync
+        if self.sync_bn:
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        kwargs = dict(self.ddp_kwargs)
+        if self.device.type == "cuda":
+            kwargs.setdefault("device_ids", [self.device.index])
+        return nn.parallel.DistributedDataParallel(module, **kwargs)
+
+    def prepare_loaders(self, loaders: Mapping[str, DataLoader], seed: int) -> dict[str, Any]:
+        """Shard every loader: train loaders like DistributedSampler (same permutation on every
+        rank), other loaders without padding so their metrics are exact."""
+        return {key: self._shard(key, loader, seed) for key, loader in loaders.items()}
+
+    def _shard(self, key: str, loader: Any, seed: int) -> Any:
+        if not isinstance(loader, DataLoader) or loader.batch_size is None:
+            return loader  # custom batch samplers / iterables: the user shards them
+        sampler = loader.sampler
+        if isinstance(
+            sampler, (DistributedSampler, DistributedSamplerWrapper, UnpaddedDistributedSampler)
+        ):
+            return loader
+        ws, rank = self.world_size, self.rank
+        if not key.startswith("train"):
+            custom = None if isinstance(sampler, SequentialSampler) else sampler
+            new = UnpaddedDistributedSampler(loader.dataset, ws, rank, sampler=custom)
+        elif isinstance(sampler, (RandomSampler, SequentialSampler)):
+            shuffle = isinstance(sampler, RandomSampler)
+            new = ResumableDistributedSampler(
+                loader.dataset, ws, rank, shuffle=shuffle, seed=seed, drop_last=loader.drop_last
+            )
+        else:
+            new = DistributedSamplerWrapper(
+                sampler, ws, rank, seed=seed, drop_last=loader.drop_last
+            )
+        kwargs = {name: getattr(loader, name) for name in _LOADER_KWARGS if hasattr(loader, name)}
+        if not kwargs.get("num_workers"):
+            kwargs.pop("prefetch_factor", None)
+            kwargs["persistent_workers"] = False
+        return DataLoader(loader.dataset, sampler=new, shuffle=False, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self, model: Any) -> Iterator[None]:
+        """Skip DDP's gradient all-reduce inside (accumulation steps); unwrapped modules,
+        e.g. frozen ones, have nothing to sync and pass through."""
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            with model.no_sync():
+                yield
+        else:
+            yield
+
+    # ------------------------------------------------------------- collectives
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if op == "mean":
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            return tensor.div_(self.world_size)
+        dist.all_reduce(tensor, op=_OPS[op])
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor)
+        return parts
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.device.type == "cuda":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
+
+
+class DistributedDataParallelAMPEngine(DistributedDataParallelEngine):
+    """DDP with autocast: fp16 + GradScaler on CUDA, bf16 on CPU (by default).
+
+    Takes the DDP engine's arguments plus `dtype` and `scaler_kwargs`.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        dtype: torch.dtype | str | None = None,
+        scaler_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self.precision = MixedPrecision(device_type, parse_dtype(dtype), scaler_kwargs)
+
+
+# ------------------------------------------------------------------ spawn mode
+def _refuse_nested_spawn() -> None:
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        raise RuntimeError(
+            "ddprun: a DDP run was started while a spawned worker imported your script. "
+            'Guard the entry point with `if __name__ == "__main__":` so that workers '
+            "import the script without running it."
+        )
+
+
+def _spawned_worker(
+    local_rank: int, runner: Any, world_size: int, address: str, port: int, result_path: str
+) -> None:
+    """Entry of each spawned worker: the launcher environment, then the whole experiment."""
+    os.environ.update(
+        {
+            "RANK": str(local_rank),
+            "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": address,
+            "MASTER_PORT": str(port),
+        }
+    )
+    distributed.set_parent_death_signal()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    runner.run()
+    if local_rank == 0:
+        torch.save(_rank0_result(runner), result_path)
+    sys.stdout.flush()
+
+
+def _rank0_result(runner: Any) -> dict[str, Any]:
+    model = runner.engine.unwrap(runner.model)
+    states = map_components(model, lambda m: {k: v.cpu() for k, v in m.state_dict().items()})
+    keep = (
+        "global_epoch_step",
+        "global_batch_step",
+        "global_sample_step",
+        "stage_key",
+        "stage_epoch_step",
+        "epoch_metrics",
+        "loader_metrics",
+    )
+    return {"model": states, **{name: getattr(runner, name) for name in keep}}
+
+
+def _adopt_rank0_result(runner: Any, result: dict[str, Any]) -> None:
+    states = result.pop("model")
+    model = runner.model if runner.model is not None else runner.get_model(result["stage_key"])
+    if isinstance(model, Mapping):
+        for key, module in model.items():
+            module.load_state_dict(states[key])
+    else:
+        model.load_state_dict(states)
+    runner.model = model
+    for name, value in result.items():
+        setattr(runner, name, value)

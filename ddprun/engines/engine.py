@@ -1,0 +1,185 @@
+"""IEngine: the one place that knows devices, wrapping, precision, collectives and who writes files.
+
+Runners and callbacks talk to hardware and to other ranks only through this interface, so the
+same runner code runs on one CPU, one GPU or N processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ddprun import checkpoint as ckpt_io
+from ddprun.engines.precision import Precision
+from ddprun.utils import any2device
+
+
+def map_components(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    """Apply `fn` to a component, or to every value of a dict of components."""
+    if obj is None:
+        return None
+    if isinstance(obj, Mapping):
+        return {key: fn(value) for key, value in obj.items()}
+    return fn(obj)
+
+
+class IEngine:
+    """Owns the device, model wrapping, backward/step (through its `Precision`), collectives
+    and checkpoint writing. Single-process defaults; the DDP engines override the rest."""
+
+    rank: int = -1
+    local_rank: int = -1
+    world_size: int = 1
+    is_ddp: bool = False
+
+    def __init__(
+        self, device: str | torch.device | None = None, precision: Precision | None = None
+    ):
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._device = torch.device(device)
+        self.precision = precision or Precision()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(device={str(self.device)!r}, precision={self.precision.name})"
+        )
+
+    # ----------------------------------------------------------------- process
+    @property
+    def device(self) -> torch.device:
+        """The torch device this process computes on."""
+        return self._device
+
+    @property
+    def is_master(self) -> bool:
+        """True on rank 0, or when not distributed: the process that logs and writes files."""
+        return self.rank <= 0
+
+    def needs_spawn(self) -> bool:
+        """Whether `run()` must start worker processes itself (DDP under plain python)."""
+        return False
+
+    def setup(self) -> None:
+        """Join the process group (DDP); nothing to do for one process."""
+
+    def teardown(self) -> None:
+        """Leave the process group (DDP)."""
+
+    # -------------------------------------------------------------- components
+    def prepare_model(self, model: Any) -> Any:
+        """Move the model (or each dict entry) to the device and wrap it as the engine needs."""
+        return map_components(model, lambda m: m.to(self.device))
+
+    def prepare_criterion(self, criterion: Any) -> Any:
+        """Move criteria holding buffers (class weights) to the device."""
+        move = lambda c: c.to(self.device) if isinstance(c, nn.Module) else c  # noqa: E731
+        return map_components(criterion, move)
+
+    def prepare_loaders(
+        self, loaders: Mapping[str, DataLoader], seed: int
+    ) -> dict[str, DataLoader]:
+        """Give loaders the samplers this engine needs (DDP shards them); unchanged here."""
+        return dict(loaders)
+
+    def unwrap(self, model: Any) -> Any:
+        """The plain module(s) inside any wrapper."""
+        return map_components(model, ckpt_io.unwrap_module)
+
+    def move(self, batch: Any) -> Any:
+        """Move a batch (tensors inside dicts/lists/tuples) to the device."""
+        return any2device(batch, self.device)
+
+    # ------------------------------------------------------------------- steps
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for the forward pass (mixed precision when configured)."""
+        return self.precision.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate, scaling the loss when the precision needs it."""
+        self.precision.backward(loss)
+
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Bring gradients to true scale before clipping."""
+        self.precision.unscale(optimizer)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step the optimizer (through the scaler when there is one)."""
+        self.precision.step(optimizer)
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clear gradients of the optimizer's parameters (set to None: no memset)."""
+        optimizer.zero_grad(set_to_none=True)
+
+    @contextlib.contextmanager
+    def no_sync(self, model: Any) -> Iterator[None]:
+        """Skip gradient all-reduce inside (gradient accumulation); nothing to skip here."""
+        yield
+
+    # ------------------------------------------------------------- collectives
+    @property
+    def collectives(self) -> IEngine | None:
+        """What the metric sync layer reduces with: None when there is only one process."""
+        return self if self.world_size > 1 else None
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce `tensor` in place across ranks ("sum", "max", "min", "mean")."""
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `tensor` (same shape everywhere), in rank order."""
+        return [tensor]
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """`obj` as rank `src` has it."""
+        return obj
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    # -------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Engine state that belongs in checkpoints (the AMP scaler)."""
+        return self.precision.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore `state_dict()`."""
+        self.precision.load_state_dict(state)
+
+    def pack_checkpoint(self, model=None, criterion=None, optimizer=None, scheduler=None, **extra):
+        """A checkpoint dict of unwrapped component states plus the scaler state and `extra`."""
+        packed = ckpt_io.pack_checkpoint(model, criterion, optimizer, scheduler, **extra)
+        packed["scaler_state_dict"] = self.state_dict().get("scaler")
+        return packed
+
+    def unpack_checkpoint(
+        self,
+        checkpoint,
+        model=None,
+        criterion=None,
+        optimizer=None,
+        scheduler=None,
+        source: str = "checkpoint",
+    ) -> None:
+        """Load component states (and the scaler state, when both sides have one)."""
+        ckpt_io.unpack_checkpoint(checkpoint, model, criterion, optimizer, scheduler, source)
+        if checkpoint.get("scaler_state_dict") is not None:
+            self.load_state_dict({"scaler": checkpoint["scaler_state_dict"]})
+
+    def save_checkpoint(self, obj: Any, path: str | Path | Sequence[str | Path]) -> None:
+        """Atomic write(s) of `obj` on the master only; then every rank passes one barrier."""
+        paths = [path] if isinstance(path, (str, Path)) else list(path)
+        if self.is_master:
+            for target in paths:
+                ckpt_io.save_checkpoint(obj, target)
+        self.barrier()
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        """Read a checkpoint (every rank reads the same file)."""
+        return ckpt_io.load_checkpoint(path)

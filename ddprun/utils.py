@@ -1,0 +1,85 @@
+"""User-facing helpers: seeding, requires_grad, device moves, rank queries, checkpoints."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ddprun.checkpoint import load_checkpoint, pack_checkpoint, save_checkpoint, unpack_checkpoint
+from ddprun.distributed import get_rank, get_world_size
+
+__all__ = [
+    "any2device",
+    "get_rank",
+    "get_world_size",
+    "load_checkpoint",
+    "pack_checkpoint",
+    "save_checkpoint",
+    "set_global_seed",
+    "set_requires_grad",
+    "unpack_checkpoint",
+]
+
+
+def set_global_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+
+
+def set_requires_grad(
+    model: nn.Module | Mapping[str, nn.Module], requires_grad: bool | Mapping[str, bool]
+) -> None:
+    """Freeze or unfreeze parameters.
+
+    Args:
+        model: a module or a dict of modules (each handled in turn).
+        requires_grad: a bool for every parameter, or a dict mapping parameter-name prefixes
+            (as in ``named_parameters()``) to bools; the longest matching prefix wins and
+            parameters matching no prefix are left as they are.
+    """
+    if isinstance(model, Mapping):
+        for module in model.values():
+            set_requires_grad(module, requires_grad)
+        return
+    if isinstance(requires_grad, bool):
+        for param in model.parameters():
+            param.requires_grad_(requires_grad)
+        return
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [p for p in requires_grad if not any(n.startswith(p) for n in names)]
+    if unknown:
+        raise ValueError(f"set_requires_grad: no parameter starts with {unknown}; have {names}")
+    prefixes = sorted(requires_grad, key=len, reverse=True)
+    for name, param in model.named_parameters():
+        match = next((p for p in prefixes if name.startswith(p)), None)
+        if match is not None:
+            param.requires_grad_(bool(requires_grad[match]))
+
+
+def any2device(value: Any, device: str | torch.device) -> Any:
+    """Move tensors (and modules, numpy arrays) inside dicts, lists and tuples to `device`.
+
+    Tuples stay tuples (named tuples keep their type); non-tensor leaves are returned as is.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, Mapping):
+        return {k: any2device(v, device) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(any2device(v, device) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(any2device(v, device) for v in value)
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return torch.from_numpy(value).to(device)
+    if isinstance(value, nn.Module):
+        return value.to(device)
+    return value
