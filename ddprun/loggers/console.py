@@ -1,0 +1,54 @@
+"""ConsoleLogger: one line per loader per epoch on stdout."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from typing_extensions import override
+
+from ddprun.loggers.base import ILogger, Scope, format_value, scalar_metrics
+
+__all__ = ["ConsoleLogger"]
+
+
+def _join(metrics: Mapping[str, float]) -> str:
+    """Returns ``" | k: v | k: v"`` with the keys sorted, or an empty string."""
+    return "".join(f" | {key}: {format_value(metrics[key])}" for key in sorted(metrics))
+
+
+class ConsoleLogger(ILogger):
+    """Prints loader metrics, e.g. ``train (1/3) [stage train] | accuracy01: 0.9612 | loss: 0.1234``.
+
+    Batch scope prints nothing. Epoch scope prints one ``* Epoch (e/E)`` line only when the
+    ``"_epoch_"`` entry has values (for example ``lr``): the loaders were printed already.
+
+    Args:
+        log_hparams: also print the hyper-parameters given to ``log_hparams``.
+    """
+
+    def __init__(self, log_hparams: bool = False) -> None:
+        self.log_hparams_enabled = log_hparams
+
+    @override
+    def log_metrics(self, metrics: Mapping[str, Any], scope: Scope, runner: Any) -> None:
+        if scope == "loader":
+            self._print(
+                f"{runner.loader_key} {self._epoch(runner)}{_join(scalar_metrics(metrics))}"
+            )
+        elif scope == "epoch" and metrics.get("_epoch_"):
+            self._print(f"* Epoch {self._epoch(runner)}{_join(scalar_metrics(metrics['_epoch_']))}")
+
+    @override
+    def log_hparams(self, hparams: Mapping[str, Any], runner: Any) -> None:
+        if self.log_hparams_enabled:
+            self._print("Hparams" + "".join(f" | {k}: {hparams[k]}" for k in sorted(hparams)))
+
+    @staticmethod
+    def _epoch(runner: Any) -> str:
+        return f"({runner.stage_epoch_step}/{runner.stage_epoch_len}) [stage {runner.stage_key}]"
+
+    @staticmethod
+    def _print(line: str) -> None:
+        # flush, so the line shows up at once in logs captured from non-interactive workers.
+        print(line, flush=True)
