@@ -220,20 +220,22 @@ class CheckpointCallback(Callback):
 
     # --------------------------------------------------------------- loading
     def _load(self, runner: Any, spec: Mapping[str, str], name: str) -> None:
+        if not spec:
+            return
+        if runner.global_epoch_step == 0:
+            # Nothing of this run exists yet; files in the folder belong to an older run.
+            if runner.engine.is_master:
+                print(
+                    f"[ddprun] {name}: nothing to load at the start of a fresh run; skipped",
+                    flush=True,
+                )
+            return
         by_source: dict[str, list[str]] = {}
         for part, source in spec.items():
             by_source.setdefault(source, []).append(part)
         for source, parts in by_source.items():
             path = self._path(source)
             if not path.is_file():
-                if runner.global_epoch_step == 0:
-                    if runner.engine.is_master:
-                        print(
-                            f"[ddprun] {name}: nothing to load yet ({path} does not exist "
-                            "at the start of a fresh run); skipped",
-                            flush=True,
-                        )
-                    continue
                 raise FileNotFoundError(f"{name}: checkpoint {path} does not exist")
             self._load_parts(runner, runner.engine.load_checkpoint(path), parts, str(path))
 

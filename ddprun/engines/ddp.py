@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import pickle
 import sys
 import tempfile
+import traceback
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -113,19 +115,16 @@ class DistributedDataParallelEngine(IEngine):
             )
         port = self.port or distributed.find_free_port(self.address)
         with tempfile.TemporaryDirectory(prefix="ddprun-spawn-") as folder:
-            result_path = Path(folder) / "rank0.pt"
-            args = (runner, world_size, self.address, port, str(result_path))
+            # Plain pickle copies tensor data. torch.multiprocessing would instead hand every
+            # worker the *same* shared-memory storage, so N ranks would step one set of weights.
+            args = (pickle.dumps(runner), world_size, self.address, port, folder)
             try:
                 mp.start_processes(
                     _spawned_worker, args=args, nprocs=world_size, join=True, start_method="spawn"
                 )
-            except mp.ProcessRaisedException as error:
-                raise RuntimeError(
-                    f"DDP worker rank {error.error_index} failed:\n{error}"
-                ) from None
-            except mp.ProcessExitedException as error:
-                raise RuntimeError(f"DDP worker rank {error.error_index} died: {error}") from None
-            _adopt_rank0_result(runner, torch.load(result_path, weights_only=False))
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
+                raise RuntimeError(_failure_summary(Path(folder), error)) from None
+            _adopt_rank0_result(runner, torch.load(Path(folder) / "rank0.pt", weights_only=False))
 
     def setup(self) -> None:
         """Join the process group described by the environment (one per run)."""
@@ -260,9 +259,14 @@ def _refuse_nested_spawn() -> None:
 
 
 def _spawned_worker(
-    local_rank: int, runner: Any, world_size: int, address: str, port: int, result_path: str
+    local_rank: int, payload: bytes, world_size: int, address: str, port: int, folder: str
 ) -> None:
-    """Entry of each spawned worker: the launcher environment, then the whole experiment."""
+    """Entry of each spawned worker: the launcher environment, then the whole experiment.
+
+    The worker leaves through ``exit_process`` so that it never enters interpreter
+    finalization with a live process group (see ``ddprun.distributed``); a failure is written
+    to ``rank<N>.error`` in `folder` for the parent to report once.
+    """
     os.environ.update(
         {
             "RANK": str(local_rank),
@@ -276,10 +280,27 @@ def _spawned_worker(
     distributed.set_parent_death_signal()
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    runner.run()
-    if local_rank == 0:
-        torch.save(_rank0_result(runner), result_path)
-    sys.stdout.flush()
+    try:
+        runner = pickle.loads(payload)
+        runner.run()
+        if local_rank == 0:
+            torch.save(_rank0_result(runner), Path(folder) / "rank0.pt")
+    except BaseException:
+        message = traceback.format_exc()
+        Path(folder, f"rank{local_rank}.error").write_text(message)
+        print(message, file=sys.stderr, flush=True)
+        distributed.exit_process(1)
+    distributed.exit_process(0)
+
+
+def _failure_summary(folder: Path, error: Exception) -> str:
+    """One message naming the first failing rank and its traceback (not N tracebacks)."""
+    reports = sorted(folder.glob("rank*.error"), key=lambda p: p.stat().st_mtime)
+    if not reports:
+        return f"DDP worker failed: {error}"
+    first = reports[0]
+    rank = first.stem.removeprefix("rank")
+    return f"DDP worker rank {rank} failed:\n{first.read_text().rstrip()}"
 
 
 def _rank0_result(runner: Any) -> dict[str, Any]:

@@ -12,9 +12,14 @@ from ddprun.loggers.base import ILogger, Scope, format_value, scalar_metrics
 __all__ = ["ConsoleLogger"]
 
 
-def _join(metrics: Mapping[str, float]) -> str:
-    """Returns ``" | k: v | k: v"`` with the keys sorted, or an empty string."""
-    return "".join(f" | {key}: {format_value(metrics[key])}" for key in sorted(metrics))
+def _join(metrics: Mapping[str, float], per_class: bool = False) -> str:
+    """Returns ``" | k: v | k: v"`` with the keys sorted, or an empty string.
+
+    Per-class keys (``.../class_NN``) are left out unless `per_class`: with ten classes they
+    would bury the line; CSV and TensorBoard still get them.
+    """
+    keys = sorted(k for k in metrics if per_class or "/class_" not in k)
+    return "".join(f" | {key}: {format_value(metrics[key])}" for key in keys)
 
 
 class ConsoleLogger(ILogger):
@@ -25,16 +30,19 @@ class ConsoleLogger(ILogger):
 
     Args:
         log_hparams: also print the hyper-parameters given to ``log_hparams``.
+        per_class: also print per-class metrics (``precision/class_00`` ...).
     """
 
-    def __init__(self, log_hparams: bool = False) -> None:
+    def __init__(self, log_hparams: bool = False, per_class: bool = False) -> None:
         self.log_hparams_enabled = log_hparams
+        self.per_class = per_class
 
     @override
     def log_metrics(self, metrics: Mapping[str, Any], scope: Scope, runner: Any) -> None:
         if scope == "loader":
             self._print(
-                f"{runner.loader_key} {self._epoch(runner)}{_join(scalar_metrics(metrics))}"
+                f"{runner.loader_key} {self._epoch(runner)}"
+                f"{_join(scalar_metrics(metrics), self.per_class)}"
             )
         elif scope == "epoch" and metrics.get("_epoch_"):
             self._print(f"* Epoch {self._epoch(runner)}{_join(scalar_metrics(metrics['_epoch_']))}")
