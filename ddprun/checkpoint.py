@@ -8,6 +8,7 @@ Checkpoints hold Python and NumPy RNG states besides tensors, so loading uses
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import tempfile
@@ -148,8 +149,19 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
 
 def save_json(obj: Any, path: str | os.PathLike) -> Path:
     """Write `obj` as indented JSON, atomically (same rules as `save_checkpoint`)."""
-    data = json.dumps(obj, indent=2, sort_keys=True).encode()
+    data = json.dumps(_finite(obj), indent=2, sort_keys=True, allow_nan=False).encode()
     return _atomic_write(Path(path), lambda handle: handle.write(data))
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become null: strict JSON for every reader."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    return obj
 
 
 def rng_state() -> dict[str, Any]:

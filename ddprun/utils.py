@@ -43,8 +43,8 @@ def set_requires_grad(
     Args:
         model: a module or a dict of modules (each handled in turn).
         requires_grad: a bool for every parameter, or a dict mapping parameter-name prefixes
-            (as in ``named_parameters()``) to bools; the longest matching prefix wins and
-            parameters matching no prefix are left as they are.
+            (as in ``named_parameters()``, matched by whole dotted components) to bools; the
+            longest matching prefix wins and parameters matching no prefix are left as they are.
     """
     if isinstance(model, Mapping):
         for module in model.values():
@@ -55,12 +55,18 @@ def set_requires_grad(
             param.requires_grad_(requires_grad)
         return
     names = [name for name, _ in model.named_parameters()]
-    unknown = [p for p in requires_grad if not any(n.startswith(p) for n in names)]
+
+    def matches(name: str, prefix: str) -> bool:
+        # whole dotted components: "1" matches "1.weight", not "10.weight"
+        prefix = prefix.rstrip(".")
+        return name == prefix or name.startswith(prefix + ".")
+
+    unknown = [p for p in requires_grad if not any(matches(n, p) for n in names)]
     if unknown:
         raise ValueError(f"set_requires_grad: no parameter starts with {unknown}; have {names}")
     prefixes = sorted(requires_grad, key=len, reverse=True)
     for name, param in model.named_parameters():
-        match = next((p for p in prefixes if name.startswith(p)), None)
+        match = next((p for p in prefixes if matches(name, p)), None)
         if match is not None:
             param.requires_grad_(bool(requires_grad[match]))
 

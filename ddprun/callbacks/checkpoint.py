@@ -92,6 +92,13 @@ class CheckpointCallback(Callback):
         self.best: dict[str, Any] | None = None
         self.last: dict[str, Any] | None = None
 
+    def apply_train_options(self, load_best_on_end: bool, resume: str | Path | None) -> None:
+        """Take ``Runner.train``'s load_best_on_end/resume where this callback sets neither."""
+        if load_best_on_end and not self.load_on_stage_end:
+            self.load_on_stage_end = parse_load_spec("best", "load_on_stage_end")
+        if resume is not None and self.resume is None:
+            self.resume = str(resume)
+
     # ---------------------------------------------------------------- paths
     def _path(self, source: str) -> Path:
         if source in ("best", "last"):
@@ -189,6 +196,10 @@ class CheckpointCallback(Callback):
         if state:
             self.best, self.last = state.get("best"), state.get("last")
             self.records = list(state.get("checkpoints", []))
+            worst = math.inf if self.minimize else -math.inf
+            for record in [self.best, self.last, *self.records]:
+                if record is not None and record.get("score") is None:  # NaN saved as null
+                    record["score"] = worst
 
     def _read_metrics_file(self) -> dict[str, Any] | None:
         import json
@@ -220,19 +231,18 @@ class CheckpointCallback(Callback):
 
     # --------------------------------------------------------------- loading
     def _load(self, runner: Any, spec: Mapping[str, str], name: str) -> None:
-        if not spec:
-            return
-        if runner.global_epoch_step == 0:
-            # Nothing of this run exists yet; files in the folder belong to an older run.
+        by_source: dict[str, list[str]] = {}
+        for part, source in spec.items():
+            by_source.setdefault(source, []).append(part)
+        if runner.global_epoch_step == 0 and ({"best", "last"} & set(by_source)):
+            # best/last of this run do not exist yet (files there belong to an older run);
+            # explicit paths, such as pretrained weights, still load.
+            by_source = {s: p for s, p in by_source.items() if s not in ("best", "last")}
             if runner.engine.is_master:
                 print(
                     f"[ddprun] {name}: nothing to load at the start of a fresh run; skipped",
                     flush=True,
                 )
-            return
-        by_source: dict[str, list[str]] = {}
-        for part, source in spec.items():
-            by_source.setdefault(source, []).append(part)
         for source, parts in by_source.items():
             path = self._path(source)
             if not path.is_file():

@@ -15,7 +15,8 @@ class TimerCallback(Callback):
     """
 
     def __init__(self) -> None:
-        super().__init__(order=CallbackOrder.Metric + 1)
+        # after the optimizer and scheduler, so the batch time includes backward and step
+        super().__init__(order=CallbackOrder.Scheduler + 1)
         self._batch_start = 0.0
         self._previous_end: float | None = None
 

@@ -70,7 +70,9 @@ class IRunner:
         self._reset_experiment_state()
         self.stage_key = "infer"
         self.stage_epoch_len = self.stage_epoch_step = 0
-        self.loader_key = None
+        self.loader_key, self.loader = None, None
+        self.loader_batch_step = self.loader_sample_step = self.loader_batch_len = 0
+        self.loader_batch_size: int | None = None
         self.is_train_loader = self.is_valid_loader = self.is_infer_loader = False
         self.batch: Any = None
         self.batch_size = 0
@@ -199,14 +201,16 @@ class IRunner:
         self._batch_loggers = [lg for lg in self.loggers.values() if _logs_batches(lg)]
         for logger in self.loggers.values():
             logger.log_hparams(self.hparams, self)
-        for stage in self.stages:
-            self._run_stage(stage)
+        for index, stage in enumerate(self.stages):
+            self._run_stage(stage, first=index == 0)
         self._fire_callbacks(Event.EXPERIMENT_END)
         self._close_loggers()
         self.engine.teardown()
 
-    def _run_stage(self, stage: str) -> None:
+    def _run_stage(self, stage: str, first: bool) -> None:
         self._start_stage(stage)
+        if first:  # callbacks are built per stage: the first stage's get experiment_start
+            self._fire_callbacks(Event.EXPERIMENT_START)
         self._fire_callbacks(Event.STAGE_START)
         while self.stage_epoch_step < self.stage_epoch_len:
             self._run_epoch()
@@ -297,7 +301,7 @@ class IRunner:
         self.is_train_loader = loader_key.startswith("train")
         self.is_infer_loader = loader_key.startswith("infer")
         self.is_valid_loader = not (self.is_train_loader or self.is_infer_loader)
-        self.loader_batch_len = len(loader)
+        self.loader_batch_len = _length(loader)
         self.loader_batch_size = _loader_batch_size(loader)
         self.loader_batch_step = self.loader_sample_step = 0
         self.loader_metrics = {}
@@ -346,13 +350,16 @@ def _check_loaders(loaders: Any) -> dict[str, Any]:
     if not isinstance(loaders, Mapping) or not loaders:
         raise RunnerError(f"get_loaders must return a non-empty dict of loaders, got {loaders!r}")
     for key, loader in loaders.items():
-        try:
-            size = len(loader)
-        except TypeError:
-            continue  # iterable-style loaders have no length
-        if size == 0:
+        if _length(loader) == 0:
             raise RunnerError(f"loader {key!r} is empty (0 batches); every loader needs data")
     return dict(loaders)
+
+
+def _length(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # iterable-style loaders have no length
+        return None
 
 
 def _batch_size(batch: Any) -> int:

@@ -147,6 +147,9 @@ class Runner(IRunner):
             )
         elif resume is not None and not _has(callbacks, cbs.CheckpointCallback):
             callbacks["_resume"] = cbs.CheckpointCallback(logdir=None, resume=resume)
+        for callback in callbacks.values():  # the user's own CheckpointCallback honours them too
+            if isinstance(callback, cbs.CheckpointCallback):
+                callback.apply_train_options(load_best_on_end, resume)
         self._callbacks = callbacks
         self.run()
 
@@ -182,9 +185,10 @@ class Runner(IRunner):
         self.model = self.engine.prepare_model(self.engine.unwrap(model))
         set_global_seed(seed)
         _eval_mode(self.model)
-        with torch.no_grad():
-            for batch in loader:
-                yield self.predict_batch(batch)
+        for batch in loader:
+            with torch.no_grad():  # not around the yield: the caller's code keeps its grad mode
+                output = self.predict_batch(batch)
+            yield output
 
     def evaluate_loader(
         self,

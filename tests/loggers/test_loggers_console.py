@@ -8,12 +8,18 @@ from ddprun.loggers import ConsoleLogger
 def test_loader_line_sorted_and_rounded(capsys, runner):
     runner.stage_key, runner.loader_key = "train_freezed", "valid"
     metrics = {"loss": torch.tensor(0.123456), "accuracy01": 0.961234, "support/class_00": 980.0}
-    ConsoleLogger().log_metrics(metrics, "loader", runner)
+    ConsoleLogger(per_class=True).log_metrics(metrics, "loader", runner)
     out = capsys.readouterr().out
     assert out == (
         "valid (1/3) [stage train_freezed] | accuracy01: 0.9612 | loss: 0.1235"
         " | support/class_00: 980\n"
     )
+
+
+def test_per_class_metrics_left_out_by_default(capsys, runner):
+    metrics = {"f1/_macro": 0.5, "f1/class_00": 0.25, "support/class_00": 980.0}
+    ConsoleLogger().log_metrics(metrics, "loader", runner)
+    assert capsys.readouterr().out.endswith("| f1/_macro: 0.5\n")
 
 
 def test_batch_scope_prints_nothing(capsys, runner):
