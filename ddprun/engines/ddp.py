@@ -15,6 +15,7 @@ import pickle
 import sys
 import tempfile
 import traceback
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -138,8 +139,10 @@ class DistributedDataParallelEngine(IEngine):
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
         cuda = dist.get_backend() == "nccl" and torch.cuda.is_available()
         self._device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
-        if isinstance(self.precision, MixedPrecision):
-            self.precision = type(self.precision)(self._device.type, self.precision.dtype)
+        self._configure_precision()
+
+    def _configure_precision(self) -> None:
+        """fp32 here; the AMP engine builds its precision for the rank's device."""
 
     def teardown(self) -> None:
         """Leave the group cleanly (see ``ddprun.distributed.shutdown_process_group``)."""
@@ -168,7 +171,14 @@ class DistributedDataParallelEngine(IEngine):
 
     def _shard(self, key: str, loader: Any, seed: int) -> Any:
         if not isinstance(loader, DataLoader) or loader.batch_size is None:
-            return loader  # custom batch samplers / iterables: the user shards them
+            if self.is_master:
+                warnings.warn(
+                    f"ddprun: loader {key!r} has a custom batch_sampler or is not a DataLoader; "
+                    "it is not sharded across ranks, so every rank sees all of it. Give it a "
+                    "distributed sampler yourself (e.g. ddprun.data.UnpaddedDistributedSampler).",
+                    stacklevel=2,
+                )
+            return loader
         sampler = loader.sampler
         if isinstance(
             sampler, (DistributedSampler, DistributedSamplerWrapper, UnpaddedDistributedSampler)
@@ -242,8 +252,13 @@ class DistributedDataParallelAMPEngine(DistributedDataParallelEngine):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self._dtype, self._scaler_kwargs = parse_dtype(dtype), scaler_kwargs
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        self.precision = MixedPrecision(device_type, parse_dtype(dtype), scaler_kwargs)
+        self.precision = MixedPrecision(device_type, self._dtype, scaler_kwargs)
+
+    def _configure_precision(self) -> None:
+        # the device (and so the autocast type and the scaler) is known only after setup
+        self.precision = MixedPrecision(self.device.type, self._dtype, self._scaler_kwargs)
 
 
 # ------------------------------------------------------------------ spawn mode
