@@ -9,6 +9,7 @@ every rank passes a barrier and then loads the same file.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from ddprun import __version__
 from ddprun import checkpoint as io
 from ddprun.callbacks._access import epoch_metric
+from ddprun.core import resume
 from ddprun.core.callback import Callback, CallbackOrder
 
 COMPONENT_PARTS = ("model", "criterion", "optimizer", "scheduler")
@@ -109,8 +111,7 @@ class CheckpointCallback(Callback):
 
     # --------------------------------------------------------------- events
     def on_stage_start(self, runner: Any) -> None:
-        # Resume only before anything ran: restored counters make later stages skip this.
-        if self.resume is not None and runner.global_epoch_step == 0 and self._resume(runner):
+        if self._resume(runner):
             return
         if runner.global_epoch_step > 0:
             self._restore_bookkeeping(self._read_metrics_file())
@@ -118,13 +119,11 @@ class CheckpointCallback(Callback):
 
     def on_batch_end(self, runner: Any) -> None:
         n = self.save_every_n_batches
-        if (
-            n
-            and self.folder is not None
-            and runner.is_train_loader
-            and runner.loader_batch_step % n == 0
-        ):
+        if not n or self.folder is None or not runner.is_train_loader:
+            return
+        if runner.loader_batch_step % n == 0:
             state = self._pack(runner, epoch_finished=False)
+            state["loader_state"] = resume.capture(runner)  # a collective: every rank is here
             runner.engine.save_checkpoint(state, self.folder / "last.pth")
 
     def on_epoch_end(self, runner: Any) -> None:
@@ -258,16 +257,58 @@ class CheckpointCallback(Callback):
             if counter in parts:
                 setattr(runner, counter, int(state[counter]))
 
+    # ---------------------------------------------------------------- resume
+    def _resume_source(self) -> str | None:
+        if self.resume is not None:
+            return self.resume
+        # restarted by the launcher (--max-restarts): continue from last.pth by default
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+        return "auto" if restarted and self.folder is not None else None
+
+    def _resume_plan(self, runner: Any) -> dict[str, Any]:
+        """The checkpoint this run resumes from, loaded once per run (kept on the runner,
+        since callbacks are rebuilt every stage)."""
+        if runner.resume_plan is not None:
+            return runner.resume_plan
+        plan: dict[str, Any] = {"state": None, "path": None}
+        source = self._resume_source() if runner.global_epoch_step == 0 else None
+        if source is not None:
+            path = self.folder / "last.pth" if source == "auto" else Path(source)
+            if source != "auto" or path.is_file():
+                if not path.is_file():
+                    raise FileNotFoundError(f"resume: checkpoint {path} does not exist")
+                plan = {"state": runner.engine.load_checkpoint(path), "path": str(path)}
+                if runner.engine.is_master:
+                    print(f"[ddprun] resuming from {path}", flush=True)
+        runner.resume_plan = plan
+        return plan
+
     def _resume(self, runner: Any) -> bool:
-        path = self.folder / "last.pth" if self.resume == "auto" else Path(self.resume)
-        if self.resume == "auto" and (self.folder is None or not path.is_file()):
+        """Restore the planned checkpoint if it belongs to this stage; skip earlier stages."""
+        plan = self._resume_plan(runner)
+        state = plan["state"]
+        if state is None:
             return False
-        if not path.is_file():
-            raise FileNotFoundError(f"resume: checkpoint {path} does not exist")
-        state = runner.engine.load_checkpoint(path)
-        self._load_parts(runner, state, list(LOAD_PARTS), str(path))
-        if state.get("stage_key") == runner.stage_key and state.get("epoch_finished", True):
-            runner.stage_epoch_step = int(state["stage_epoch_step"])
+        stages = list(runner.stages)
+        saved_stage = state.get("stage_key", runner.stage_key)  # a bare packed checkpoint
+        if saved_stage not in stages:
+            raise ValueError(
+                f"resume: {plan['path']} was written in stage {saved_stage!r}, which is not "
+                f"one of this runner's stages {stages}"
+            )
+        if stages.index(saved_stage) > stages.index(runner.stage_key):
+            runner.stage_epoch_step = runner.stage_epoch_len  # finished before the save
+            return True
+        plan["state"] = None  # consumed
+        parts = [p for p in LOAD_PARTS if p in COMPONENT_PARTS or p in state]
+        self._load_parts(runner, state, parts, plan["path"])
+        runner.stage_epoch_step = int(state.get("stage_epoch_step", 0))
+        position = state.get("loader_state")
+        if not state.get("epoch_finished", True) and position is not None:
+            # rerun the saved epoch from the batch after the one the checkpoint was written at
+            runner.stage_epoch_step -= 1
+            runner.global_epoch_step -= 1
+            runner.resume_position = position
         io.restore_rng_state(state.get("rng"))
         self._restore_bookkeeping(state.get("checkpointer"))
         return True

@@ -24,6 +24,7 @@ loader_metrics, epoch_metrics          finished loader's metrics (floats, exact 
                                        ``{loader_key: {metric: float}}`` of the epoch
 need_early_stop                        set by callbacks: ends the loader (mid-batch) or the stage
 need_exception_reraise                 set False by a callback to swallow the run's exception
+resume_position, resume_plan           set by CheckpointCallback when a run resumes
 =====================================  ===========================================================
 
 Sample counters add ``batch_size * world_size`` per batch, so curves from runs of different
@@ -42,6 +43,7 @@ from typing import Any
 
 import torch
 
+from ddprun.core import resume
 from ddprun.core.callback import Callback, Event, build_dispatch, keep_for_rank, sort_callbacks
 from ddprun.metrics import AdditiveMetric, Metric, synchronized
 from ddprun.utils import set_global_seed
@@ -226,18 +228,23 @@ class IRunner:
         self.epoch_metrics = {}
         set_global_seed(self.seed + self.global_epoch_step + max(self.engine.rank, 0))
         self._fire_callbacks(Event.EPOCH_START)
+        position = self._take_resume_position()
         for loader_key, loader in self.loaders.items():
-            self._run_loader(loader_key, loader)
+            if position is not None and loader_key != position["loader_key"]:
+                continue  # finished before the mid-epoch checkpoint was written
+            self._run_loader(loader_key, loader, position)
+            position = None
         self._fire_callbacks(Event.EPOCH_END)
         self.log_metrics(self.epoch_metrics, scope="epoch")
         for logger in self.loggers.values():
             logger.flush_log()
 
-    def _run_loader(self, loader_key: str, loader: Any) -> None:
+    def _run_loader(self, loader_key: str, loader: Any, position: Any = None) -> None:
         self._start_loader(loader_key, loader)
         self._fire_callbacks(Event.LOADER_START)
+        batches = iter(loader) if position is None else self._resume_loader(loader, position)
         with torch.set_grad_enabled(self.is_train_loader):
-            for batch in loader:
+            for batch in batches:
                 self._run_batch(batch)
                 if self.need_early_stop:
                     self.need_early_stop = False
@@ -263,6 +270,23 @@ class IRunner:
             for logger in self._batch_loggers:
                 logger.log_metrics(self.batch_metrics, "batch", self)
 
+    # ------------------------------------------------------------------ resume
+    def _take_resume_position(self) -> dict[str, Any] | None:
+        position, self.resume_position = self.resume_position, None
+        if position is None or position["global_epoch_step"] != self.global_epoch_step:
+            return None
+        self.epoch_metrics = {k: dict(v) for k, v in position["epoch_metrics"].items()}
+        return position
+
+    def _resume_loader(self, loader: Any, position: dict[str, Any]) -> Any:
+        """Continue `loader` after the batch a mid-epoch checkpoint was written at."""
+        batches = resume.skip_consumed(loader, position)
+        self.loader_batch_step = int(position["loader_batch_step"])
+        self.loader_sample_step = int(position["loader_sample_step"])
+        resume.restore_metrics(self, position)
+        resume.restore_rng(self, position)  # after iter(): a DataLoader draws its seed there
+        return batches
+
     # ------------------------------------------------------------- bookkeeping
     def _reset_experiment_state(self) -> None:
         self.global_epoch_step = self.global_batch_step = self.global_sample_step = 0
@@ -272,6 +296,10 @@ class IRunner:
         self._tracked_metrics: list[Metric] = []
         self._batch_averages: dict[str, AdditiveMetric] = {}
         self._batch_loggers: list[Any] = []
+        # Set by CheckpointCallback when resuming: the mid-epoch position to continue from,
+        # and the loaded checkpoint of a resume that was asked for (consumed once).
+        self.resume_position: dict[str, Any] | None = None
+        self.resume_plan: dict[str, Any] | None = None
 
     def _start_stage(self, stage: str) -> None:
         self.stage_key = stage
@@ -321,7 +349,9 @@ class IRunner:
             average.update(value, self.batch_size)
 
     def _end_loader(self) -> None:
-        metrics = self._tracked_metrics + list(self._batch_averages.values())
+        # sorted: every rank must pack the same states in the same order
+        averages = [self._batch_averages[key] for key in sorted(self._batch_averages)]
+        metrics = self._tracked_metrics + averages
         with synchronized(metrics, self.engine.collectives):
             self._fire_callbacks(Event.LOADER_END)
             for key, average in self._batch_averages.items():

@@ -226,6 +226,11 @@ class DistributedDataParallelEngine(IEngine):
         dist.all_gather(parts, tensor)
         return parts
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         box = [obj]
         dist.broadcast_object_list(box, src=src)

@@ -136,6 +136,10 @@ class IEngine:
         """Every rank's `tensor` (same shape everywhere), in rank order."""
         return [tensor]
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable `obj`, in rank order (keep tensors on the CPU)."""
+        return [obj]
+
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """`obj` as rank `src` has it."""
         return obj

@@ -390,12 +390,6 @@ def test_resume_from_a_missing_path_names_it(tmp_path):
         train_run(1, resume=str(tmp_path / "nope.pth"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 4 (not built yet): resuming a multi-stage run from a later stage's checkpoint reruns the "
-    "earlier stages (CheckpointCallback._resume only restores the position within the "
-    "checkpoint's own stage)",
-)
 def test_resume_a_multi_stage_run_in_its_second_stage(tmp_path):
     stages = {"one": 2, "two": 2}
     scores = {"one": [1.0, 0.9], "two": [0.8, 0.7]}
@@ -423,11 +417,6 @@ def test_resume_a_multi_stage_run_in_its_second_stage(tmp_path):
     assert_same_state(state_of(straight.model), state_of(resumed.model))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 4 (not built yet): save_every_n_batches writes the position in the epoch, but a resumed run "
-    "restarts the stage from epoch 1 instead of continuing at the next batch",
-)
 def test_resume_mid_epoch_continues_at_the_next_batch(tmp_path):
     log: list = []
 
