@@ -1,0 +1,469 @@
+"""Run torch's elastic agent for this node; own per-rank logs, signals and the failure summary.
+
+Process management is torch's: `elastic_launch` runs a `LocalElasticAgent` in this process (its
+main thread), which starts the workers, polls them every `monitor_interval`, stops the rest when
+one fails, restarts the group up to `max_restarts` times, and on SIGINT/SIGTERM/SIGHUP/SIGQUIT
+forwards the signal to every worker, waits `shutdown_timeout` seconds, then SIGKILLs.
+
+Output. Every worker's stdout and stderr are redirected by the agent (Std.ALL) into its
+per-attempt files (``<logdir>/elastic/<run id>_*/attempt_<k>/<local rank>/std{out,err}.log``).
+`RankLogsSpecs`, a `DefaultLogsSpecs` subclass, learns each attempt's files and global ranks when
+the agent asks for them and starts torch's own `TailLog` followers, the machinery behind
+torchrun's ``--tee``:
+
+- both streams of global rank N are appended, live, to ``<logdir>/ranks/rank<N>.log``; the file
+  is opened in append mode at every attempt, so a restarted run keeps all attempts' output;
+- rank 0's streams are copied to the console unprefixed; with ``--tee`` every rank's are, each
+  line prefixed ``[rank<N>]:``.
+
+This is used instead of the agent's own tee + `local_ranks_filter` because that prefixes rank
+0's console lines with ``[default0]:`` and writes per-attempt files only (copying them into
+rank<N>.log after each attempt would leave the rank logs empty while a run is in progress).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import psutil
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
+from torch.distributed.elastic.multiprocessing.api import LogsDest
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+from torch.distributed.elastic.multiprocessing.tail_log import TailLog
+from torch.distributed.elastic.rendezvous import (
+    RendezvousHandler,
+    RendezvousInfo,
+    RendezvousParameters,
+    rendezvous_handler_registry,
+)
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from ddprun.launch.cli import RDZV_BACKEND, LaunchSettings
+
+__all__ = [
+    "RankLogMirror",
+    "RankLogsSpecs",
+    "build_launch_config",
+    "choose_root_failure",
+    "launch",
+    "launch_config_values",
+    "worker_command",
+]
+
+_SUMMARY_TAIL_LINES = 15
+# How often the log followers look for new output: console latency vs. idle wake-ups.
+_TAIL_INTERVAL_SECONDS = 0.05
+_LEFTOVER_WAIT_SECONDS = 5.0
+
+
+class _LineSink:
+    """A text sink shared by `TailLog` threads: one lock, flushed after every write."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._stream.write(text)
+            self._stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._stream.flush()
+
+
+class RankLogMirror:
+    """Follows each attempt's per-worker files into rank<N>.log and the console."""
+
+    def __init__(self, ranks_dir: str, tee_all: bool, max_restarts: int) -> None:
+        self.ranks_dir = ranks_dir
+        self.group_rank = 0
+        self._tee_all = tee_all
+        self._max_restarts = max_restarts
+        self._tails: list[TailLog] = []
+        self._files: list[TextIO] = []
+        self._console_out = _LineSink(sys.stdout)
+        self._console_err = _LineSink(sys.stderr)
+
+    def rank_log(self, rank: int) -> str:
+        """Path of global rank `rank`'s log file."""
+        return os.path.join(self.ranks_dir, f"rank{rank}.log")
+
+    def start_attempt(self, envs: Mapping[int, Mapping[str, str]], dest: LogsDest) -> None:
+        """Stop following the previous attempt and follow the workers about to start."""
+        self.close()
+        if not envs:
+            return
+        restart = int(envs[0].get("TORCHELASTIC_RESTART_COUNT", "0"))
+        self.group_rank = int(envs[0].get("GROUP_RANK", "0"))
+        if restart > 0:
+            print(
+                f"ddprun: workers failed; restarting all of them (restart {restart} of "
+                f"{self._max_restarts}); see {self.ranks_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
+        for local_rank, env in sorted(envs.items()):
+            self._follow_rank(int(env["RANK"]), local_rank, restart, dest)
+
+    def _follow_rank(self, rank: int, local_rank: int, restart: int, dest: LogsDest) -> None:
+        stdout, stderr = dest.stdouts[local_rank], dest.stderrs[local_rank]
+        log = open(self.rank_log(rank), "a", encoding="utf-8", errors="replace")  # noqa: SIM115
+        self._files.append(log)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        log.write(
+            f"===== ddprun attempt {restart}: rank {rank}, local rank {local_rank}, "
+            f"node {self.group_rank}, {stamp} =====\n"
+        )
+        log.flush()
+        self._tail(f"rank{rank}", {0: stdout, 1: stderr}, _LineSink(log), "")
+        if rank == 0 or self._tee_all:
+            prefix = f"[rank{rank}]: " if self._tee_all else ""
+            self._tail(f"out{rank}", {0: stdout}, self._console_out, prefix)
+            self._tail(f"err{rank}", {0: stderr}, self._console_err, prefix)
+
+    def _tail(self, name: str, files: dict[int, str], sink: _LineSink, prefix: str) -> None:
+        prefixes = dict.fromkeys(files, prefix)
+        tail = TailLog(name, files, sink, prefixes, _TAIL_INTERVAL_SECONDS)  # type: ignore[arg-type]
+        self._tails.append(tail.start())
+
+    def close(self) -> None:
+        """Copy what is left in the followed files, then stop. Call once workers are gone."""
+        # Each stop() waits for its followers' next poll; stopping them together waits once.
+        stoppers = [threading.Thread(target=tail.stop) for tail in self._tails]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
+        for log in self._files:
+            log.close()
+        self._tails.clear()
+        self._files.clear()
+
+
+class RankLogsSpecs(DefaultLogsSpecs):
+    """torch's default per-attempt layout, plus a `RankLogMirror` started for each attempt."""
+
+    def __init__(self, log_dir: str, mirror: RankLogMirror) -> None:
+        super().__init__(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE)
+        self._mirror = mirror
+
+    def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
+        """Build the attempt's file layout (torch), then start following it (ddprun)."""
+        self._mirror.close()  # the previous attempt's workers are gone; torch may wipe its dir
+        dest = super().reify(envs)
+        self._mirror.start_attempt(envs, dest)
+        return dest
+
+
+class FreshWorkerStoreRendezvous(RendezvousHandler):
+    """torch's c10d rendezvous, except that every round gives the workers a new store.
+
+    Since torch 2.5 the c10d handler hosts the workers' TCPStore in the agent and, in torch
+    2.13, creates it once and hands the same server to every round. Workers do not prefix
+    their keys per attempt, so after a restart a rank can read a peer's address from the
+    failed attempt: gloo then fails with "connectFullMesh ... Connection refused" (NCCL gets
+    a stale unique id; pytorch/pytorch#135712, #167288). Dropping the cached server before
+    each round makes rank 0's agent bind a new one on port 0, as torch intended (PR #135957),
+    so keys never leak between attempts and no port is ever probed. The rendezvous store
+    itself (127.0.0.1:0 or the endpoint) is created once and kept for the whole run.
+    """
+
+    # Private attributes of torch's DynamicRendezvousHandler; absent in other versions, in
+    # which case torch's own behaviour is kept.
+    _CACHED = ("_shared_tcp_store_server", "_bootstrap_store_info")
+
+    def __init__(self, inner: RendezvousHandler) -> None:
+        self._inner = inner
+
+    @property
+    def use_agent_store(self) -> bool:
+        return self._inner.use_agent_store
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        for name in self._CACHED:
+            if hasattr(self._inner, name):
+                setattr(self._inner, name, None)
+        return self._inner.next_rendezvous()
+
+    def get_backend(self) -> str:
+        return RDZV_BACKEND
+
+    def get_run_id(self) -> str:
+        return self._inner.get_run_id()
+
+    def is_closed(self) -> bool:
+        return self._inner.is_closed()
+
+    def set_closed(self) -> None:
+        self._inner.set_closed()
+
+    def num_nodes_waiting(self) -> int:
+        return self._inner.num_nodes_waiting()
+
+    def shutdown(self) -> bool:
+        return self._inner.shutdown()
+
+
+def _create_rendezvous(params: RendezvousParameters) -> RendezvousHandler:
+    c10d = RendezvousParameters(
+        "c10d", params.endpoint, params.run_id, params.min_nodes, params.max_nodes,
+        params.local_addr, **params.config,
+    )  # fmt: skip
+    return FreshWorkerStoreRendezvous(rendezvous_handler_registry.create_handler(c10d))
+
+
+def _register_rendezvous() -> None:
+    """Register ddprun's backend name; registering the same creator again is a no-op."""
+    rendezvous_handler_registry.register(RDZV_BACKEND, _create_rendezvous)
+
+
+def launch_config_values(settings: LaunchSettings, logs_specs: DefaultLogsSpecs) -> dict[str, Any]:
+    """Every `LaunchConfig` field, set explicitly.
+
+    LaunchConfig's own defaults differ from torchrun's command line (etcd rendezvous, 3
+    restarts, role "default_role"); nothing here is left to them.
+    """
+    rdzv = settings.rendezvous()
+    return {
+        "min_nodes": settings.min_nodes,
+        "max_nodes": settings.max_nodes,
+        "nproc_per_node": settings.nproc,
+        "logs_specs": logs_specs,
+        "run_id": settings.run_id,
+        "role": settings.role,
+        "rdzv_endpoint": rdzv.endpoint,
+        "rdzv_backend": rdzv.backend,
+        "rdzv_configs": dict(rdzv.configs),
+        "rdzv_timeout": -1,  # legacy field: the timeout is rdzv_configs["timeout"]
+        "max_restarts": settings.max_restarts,
+        "monitor_interval": settings.monitor_interval,
+        "start_method": settings.start_method,  # used only for function entrypoints
+        "log_line_prefix_template": None,  # console lines are written by RankLogMirror
+        "metrics_cfg": {},
+        "local_addr": rdzv.local_addr,
+        "event_log_handler": "null",
+        "numa_options": None,  # torch picks its GPU default when nproc == visible GPUs
+        "signals_to_handle": settings.signals_to_handle,
+        "duplicate_stdout_filters": None,
+        "duplicate_stderr_filters": None,
+        "virtual_local_rank": False,
+        "shutdown_timeout": settings.shutdown_timeout,
+    }
+
+
+def build_launch_config(settings: LaunchSettings, logs_specs: DefaultLogsSpecs) -> LaunchConfig:
+    """Create the `LaunchConfig`; fields unknown to the installed torch are left out."""
+    known = {field.name for field in dataclasses.fields(LaunchConfig)}
+    values = launch_config_values(settings, logs_specs)
+    return LaunchConfig(**{name: value for name, value in values.items() if name in known})
+
+
+def worker_command(settings: LaunchSettings) -> tuple[str, list[str]]:
+    """The program and arguments the agent starts for every worker."""
+    mode = "module" if settings.is_module else "script"
+    args = ["-u", "-m", "ddprun.launch.worker", mode, settings.entrypoint, *settings.script_args]
+    # The agent expands ${local_rank} in arguments with string.Template, which also turns "$$"
+    # into "$"; doubling every "$" hands the script its arguments unchanged.
+    return sys.executable, [arg.replace("$", "$$") for arg in args]
+
+
+def _export_worker_env(settings: LaunchSettings) -> None:
+    """Variables every worker inherits besides torch's own (RANK, WORLD_SIZE, ...)."""
+    os.environ["DDPRUN_RUN_ID"] = settings.run_id
+    os.environ["DDPRUN_LOGDIR"] = settings.logdir
+    os.environ["DDPRUN_AGENT_PID"] = str(os.getpid())
+    if settings.backend:
+        os.environ["DDPRUN_BACKEND"] = settings.backend
+
+
+@dataclass(frozen=True)
+class FailureView:
+    """One failed worker as the summary sees it."""
+
+    rank: int
+    local_rank: int
+    exitcode: int
+    order: int
+    message: str
+    traceback: str
+    extra: dict[str, Any]
+    time: float
+
+    @property
+    def collateral(self) -> bool:
+        """True when this rank most likely failed because another one did."""
+        killed_by_agent = not self.traceback and self.exitcode == -signal.SIGTERM
+        return bool(self.extra.get("collateral")) or killed_by_agent
+
+
+def _view(rank: int, failure: ProcessFailure, order: int) -> FailureView:
+    message, traceback, extra = "", "", {}
+    if isinstance(failure.message, dict):
+        message = str(failure.message.get("message", ""))
+        info = failure.message.get("extraInfo", {})
+        traceback = str(info.get("py_callstack", ""))
+        extra = dict(info.get("ddprun", {}))
+    elif failure.error_file_data:
+        message = str(failure.message)
+    when = float(extra.get("time", failure.timestamp))
+    return FailureView(
+        rank, failure.local_rank, failure.exitcode, order, message, traceback, extra, when
+    )
+
+
+def choose_root_failure(failures: Mapping[int, ProcessFailure]) -> FailureView:
+    """Pick the root cause: not an echo of another failure, earliest, first detected.
+
+    torch's own choice compares whole-second timestamps, so a rank that failed because its
+    peer died often ties with, and can win over, the real culprit.
+    """
+    views = [_view(rank, failure, order) for order, (rank, failure) in enumerate(failures.items())]
+    return min(views, key=lambda view: (view.collateral, view.time, view.order))
+
+
+def _tail_lines(path: str, count: int) -> list[str]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fp:
+            return [line.rstrip("\n") for line in fp.readlines()[-count:]]
+    except OSError:
+        return []
+
+
+def format_failure_summary(root: FailureView, mirror: RankLogMirror, on_console: bool) -> str:
+    """The one message the launcher prints when workers failed."""
+    node = root.extra.get("group_rank") or mirror.group_rank
+    host = root.extra.get("host") or socket.gethostname()
+    # "local_rank: N", not "local rank N": the failing rank is named exactly once.
+    who = f"rank {root.rank} (local_rank: {root.local_rank}, node: {node}, host: {host})"
+    if root.exitcode < 0:
+        name = (
+            signal.Signals(-root.exitcode).name if -root.exitcode in signal.valid_signals() else "?"
+        )
+        lines = [f"ddprun: {who} was killed by {name} (exit code {root.exitcode})"]
+    else:
+        lines = [f"ddprun: {who} failed with exit code {root.exitcode}"]
+    if root.traceback and on_console:
+        lines.append(f"{root.message}  (traceback above)")
+    elif root.traceback:
+        lines.append(root.traceback.rstrip("\n"))
+    elif not on_console:
+        log = mirror.rank_log(root.rank)
+        lines.append(f"last lines of {log}:")
+        lines.extend("  " + line for line in _tail_lines(log, _SUMMARY_TAIL_LINES))
+    lines.append(f"ddprun: every rank's output: {mirror.ranks_dir}{os.sep}rank<N>.log")
+    return "\n".join(lines)
+
+
+def _quiet_torch_logging() -> None:
+    """Keep the agent's own log lines off the console; the summary says what matters.
+
+    DDPRUN_LOG_LEVEL (e.g. WARNING or INFO) shows them again for debugging the launcher.
+    """
+    level = os.environ.get("DDPRUN_LOG_LEVEL", "CRITICAL").upper()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s ddprun[agent] %(levelname)s %(name)s: %(message)s")
+    )
+    parent = logging.getLogger("torch.distributed")
+    parent.handlers = [handler]
+    parent.propagate = False
+    if logging.getLevelName(level) in (logging.DEBUG, logging.INFO):
+        for name, logger in list(logging.root.manager.loggerDict.items()):
+            if name.startswith("torch.distributed") and isinstance(logger, logging.Logger):
+                logger.setLevel(level)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def _set_stop_signals(handler: Any) -> None:
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+
+def _restore_stop_signals() -> None:
+    """Drop the agent's handlers (they raise SignalException) once it has finished."""
+    _set_stop_signals(signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _leftover_workers() -> list[psutil.Process]:
+    workers = []
+    for child in psutil.Process().children():
+        try:
+            if "ddprun.launch.worker" in child.cmdline():
+                workers.append(child)
+        except psutil.Error:  # exited meanwhile
+            pass
+    return workers
+
+
+def _kill_leftover_workers() -> None:
+    """Last safety net: SIGKILL workers the agent did not reap (e.g. its shutdown was cut
+    short by a second signal), with their process groups, as the agent itself would."""
+    workers = _leftover_workers()
+    for worker in workers:
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)  # each worker leads its own session
+        except OSError:
+            pass
+    psutil.wait_procs(workers, timeout=_LEFTOVER_WAIT_SECONDS)
+
+
+def _report_child_failure(error: ChildFailedError, mirror: RankLogMirror, tee_all: bool) -> int:
+    root = choose_root_failure(error.failures)
+    on_console = tee_all or root.rank == 0
+    print(format_failure_summary(root, mirror, on_console), file=sys.stderr, flush=True)
+    return 1
+
+
+def launch(settings: LaunchSettings) -> int:
+    """Run the workers described by `settings` on this node and wait for them.
+
+    Returns:
+        0 when every worker succeeded, 1 when one failed (after any restarts) or the launch
+        itself failed, 128+N when the launcher was stopped by signal N.
+    """
+    _quiet_torch_logging()
+    _register_rendezvous()
+    mirror = RankLogMirror(
+        os.path.join(settings.logdir, "ranks"), settings.tee, settings.max_restarts
+    )
+    os.makedirs(mirror.ranks_dir, exist_ok=True)
+    specs = RankLogsSpecs(os.path.join(settings.logdir, "elastic"), mirror)
+    _export_worker_env(settings)
+    entrypoint, args = worker_command(settings)
+    try:
+        elastic_launch(build_launch_config(settings, specs), entrypoint)(*args)
+        return 0
+    except ChildFailedError as error:
+        mirror.close()  # the rank logs and console must be complete before the summary
+        return _report_child_failure(error, mirror, settings.tee)
+    except SignalException as exc:
+        mirror.close()
+        print(f"ddprun: stopped by {exc.sigval.name}; all workers were stopped", file=sys.stderr)
+        return 128 + int(exc.sigval)
+    except KeyboardInterrupt:  # Ctrl-C before the agent installed its handlers
+        return 128 + signal.SIGINT
+    except Exception as exc:  # rendezvous and other launcher errors: one line, no torch dump
+        print(f"ddprun: launch failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        _set_stop_signals(signal.SIG_IGN)  # let the cleanup finish even on a second Ctrl-C
+        mirror.close()
+        _kill_leftover_workers()
+        _restore_stop_signals()
