@@ -60,8 +60,12 @@ class CheckpointCallback(Callback):
             of a fresh run there is nothing to load yet: it is skipped with one log line.
         resume: a checkpoint path, or "auto" (``last.pth`` when it exists), restored in full
             (components, scaler, counters, RNG, this callback's bookkeeping) before the
-            first stage runs.
-        save_every_n_batches: also write ``last.pth`` every N training batches.
+            first stage runs; finished stages and epochs are not run again, and a mid-epoch
+            checkpoint continues at the next batch. Default: None, or "auto" when the
+            launcher restarted the workers (``TORCHELASTIC_RESTART_COUNT`` > 0).
+        save_every_n_batches: also write ``last.pth`` every N training batches, with the
+            position in the epoch, the partial metric states of every rank and RNG states.
+            A stop signal (SIGTERM, SIGUSR1) writes it too, after the current batch.
     """
 
     def __init__(
@@ -118,10 +122,10 @@ class CheckpointCallback(Callback):
         self._load(runner, self.load_on_stage_start, "load_on_stage_start")
 
     def on_batch_end(self, runner: Any) -> None:
-        n = self.save_every_n_batches
-        if not n or self.folder is None or not runner.is_train_loader:
+        if self.folder is None or not runner.is_train_loader:
             return
-        if runner.loader_batch_step % n == 0:
+        n = self.save_every_n_batches
+        if runner.stop_signal is not None or (n and runner.loader_batch_step % n == 0):
             state = self._pack(runner, epoch_finished=False)
             state["loader_state"] = resume.capture(runner)  # a collective: every rank is here
             runner.engine.save_checkpoint(state, self.folder / "last.pth")

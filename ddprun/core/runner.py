@@ -25,6 +25,8 @@ loader_metrics, epoch_metrics          finished loader's metrics (floats, exact 
 need_early_stop                        set by callbacks: ends the loader (mid-batch) or the stage
 need_exception_reraise                 set False by a callback to swallow the run's exception
 resume_position, resume_plan           set by CheckpointCallback when a run resumes
+stop_signal                            a stop signal (SIGTERM, SIGUSR1) every rank agreed on
+                                       after this batch: the run saves and stops
 =====================================  ===========================================================
 
 Sample counters add ``batch_size * world_size`` per batch, so curves from runs of different
@@ -45,6 +47,7 @@ import torch
 
 from ddprun.core import resume
 from ddprun.core.callback import Callback, Event, build_dispatch, keep_for_rank, sort_callbacks
+from ddprun.core.stop import RunStopped, StopFlag
 from ddprun.metrics import AdditiveMetric, Metric, synchronized
 from ddprun.utils import set_global_seed
 
@@ -69,6 +72,7 @@ class IRunner:
         self.callbacks: dict[str, Callback] = {}
         self.loggers: dict[str, Any] = {}
         self._dispatch: dict[Event, list[Callback]] = {event: [] for event in Event}
+        self._stop_flag = StopFlag()
         self._reset_experiment_state()
         self.stage_key = "infer"
         self.stage_epoch_len = self.stage_epoch_step = 0
@@ -186,15 +190,23 @@ class IRunner:
         return self
 
     def _run_guarded(self) -> None:
+        self._stop_flag = StopFlag()
+        self._stop_flag.install()
         try:
             self._run_experiment()
         except BaseException as error:
-            self.exception = error
+            # e.g. a collective timeout becomes an error naming the rank that hung
+            self.exception = self.engine.explain_failure(error)
             self.need_exception_reraise = True
             self._fire_callbacks(Event.EXCEPTION)
             self._close_loggers()
-            if self.need_exception_reraise:
+            if not self.need_exception_reraise:
+                return
+            if self.exception is error:
                 raise
+            raise self.exception from error
+        finally:
+            self._stop_flag.uninstall()
 
     def _run_experiment(self) -> None:
         self._reset_experiment_state()
@@ -238,6 +250,8 @@ class IRunner:
         self.log_metrics(self.epoch_metrics, scope="epoch")
         for logger in self.loggers.values():
             logger.flush_log()
+        if self.stop_signal is not None:
+            raise RunStopped(self.stop_signal)
 
     def _run_loader(self, loader_key: str, loader: Any, position: Any = None) -> None:
         self._start_loader(loader_key, loader)
@@ -264,11 +278,16 @@ class IRunner:
         self._fire_callbacks(Event.BATCH_START)
         with self.engine.autocast():
             self.handle_batch(self.batch)
+        if self.is_train_loader:  # every rank runs as many train batches: safe to agree here
+            # agreed before batch_end, so CheckpointCallback saves this batch's state
+            self.stop_signal = self.engine.agree_to_stop(self._stop_flag.signum)
         self._fire_callbacks(Event.BATCH_END)
         self._average_batch_metrics()
         if self._batch_loggers:
             for logger in self._batch_loggers:
                 logger.log_metrics(self.batch_metrics, "batch", self)
+        if self.stop_signal is not None:
+            raise RunStopped(self.stop_signal)
 
     # ------------------------------------------------------------------ resume
     def _take_resume_position(self) -> dict[str, Any] | None:
@@ -292,6 +311,7 @@ class IRunner:
         self.global_epoch_step = self.global_batch_step = self.global_sample_step = 0
         self.need_early_stop = False
         self.need_exception_reraise = True
+        self.stop_signal: int | None = None
         self.exception: BaseException | None = None
         self._tracked_metrics: list[Metric] = []
         self._batch_averages: dict[str, AdditiveMetric] = {}
@@ -349,6 +369,9 @@ class IRunner:
             average.update(value, self.batch_size)
 
     def _end_loader(self) -> None:
+        # Evaluation splits may differ by a batch across ranks, so loader ends are where all
+        # ranks meet; a stop agreed here takes effect after the epoch's checkpoint.
+        self.stop_signal = self.engine.agree_to_stop(self._stop_flag.signum, wait=True)
         # sorted: every rank must pack the same states in the same order
         averages = [self._batch_averages[key] for key in sorted(self._batch_averages)]
         metrics = self._tracked_metrics + averages

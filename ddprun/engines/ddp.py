@@ -14,6 +14,7 @@ import os
 import pickle
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from collections.abc import Iterator, Mapping
@@ -86,6 +87,7 @@ class DistributedDataParallelEngine(IEngine):
         self.ddp_kwargs = dict(ddp_kwargs or {})
         self.process_group_kwargs = dict(process_group_kwargs or {})
         self.rank, self.local_rank, self.world_size = -1, -1, 1
+        self.timeout: datetime.timedelta | None = None
 
     def __repr__(self) -> str:
         return (
@@ -131,15 +133,21 @@ class DistributedDataParallelEngine(IEngine):
         """Join the process group described by the environment (one per run)."""
         if not dist.is_initialized():
             kwargs = dict(self.process_group_kwargs)
-            timeout = kwargs.pop("timeout", None)
+            timeout = kwargs.pop("timeout", None) or collective_timeout()
             if isinstance(timeout, (int, float)):
                 timeout = datetime.timedelta(seconds=timeout)
+            self.timeout = timeout
             distributed.init_process_group(backend=self.backend, timeout=timeout, **kwargs)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
         cuda = dist.get_backend() == "nccl" and torch.cuda.is_available()
         self._device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
         self._configure_precision()
+        # control messages (stop agreement) on their own CPU group: never a device sync
+        self._control_group = dist.new_group(backend="gloo")
+        self._stop_buffers = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
+        self._stop_pending: Any = None
+        self._stop_calls = 0
 
     def _configure_precision(self) -> None:
         """fp32 here; the AMP engine builds its precision for the rank's device."""
@@ -236,6 +244,53 @@ class DistributedDataParallelEngine(IEngine):
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def agree_to_stop(self, signum: int | None, wait: bool = False) -> int | None:
+        """Pipelined MAX all-reduce of the stop flag on the CPU control group.
+
+        Without `wait`, this call returns the agreement started at the previous call and starts
+        a new one, so no rank blocks on it; every rank gets the same answer at the same call.
+        """
+        agreed = 0
+        if self._stop_pending is not None:
+            buffer, work = self._stop_pending
+            work.wait()
+            agreed = int(buffer.item())  # a CPU tensor: no device sync
+            self._stop_pending = None
+        buffer = self._stop_buffers[self._stop_calls % 2]
+        self._stop_calls += 1
+        buffer.fill_(signum or 0)
+        work = dist.all_reduce(
+            buffer, op=dist.ReduceOp.MAX, group=self._control_group, async_op=True
+        )
+        if wait:
+            work.wait()
+            agreed = max(agreed, int(buffer.item()))
+        else:
+            self._stop_pending = (buffer, work)
+        return agreed or None
+
+    def explain_failure(self, error: BaseException) -> BaseException:
+        """Turn a collective timeout into an error naming the rank(s) that stopped answering.
+
+        Every rank whose collective timed out says so through the group's store; ranks that
+        never say so within a few seconds were not in the collective (hung, or busy elsewhere).
+        """
+        if not _is_timeout(error):
+            return error
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.set(f"ddprun/timed_out/{self.rank}", "1")
+            missing = _wait_for_ranks(store, self.world_size, seconds=3.0)
+        except Exception:  # the store itself may be gone with the failing peer
+            return error
+        seconds = self.timeout.total_seconds() if self.timeout else float("nan")
+        who = f"rank(s) {missing} stopped answering" if missing else "every rank timed out"
+        return CollectiveTimeoutError(
+            f"a collective timed out after {seconds:g}s on rank {self.rank}: {who} "
+            f"(set DDPRUN_COLLECTIVE_TIMEOUT or process_group_kwargs['timeout'] to change "
+            f"the limit). Original error: {error}"
+        )
+
     def barrier(self) -> None:
         if self.device.type == "cuda":
             dist.barrier(device_ids=[self.device.index])
@@ -264,6 +319,31 @@ class DistributedDataParallelAMPEngine(DistributedDataParallelEngine):
     def _configure_precision(self) -> None:
         # the device (and so the autocast type and the scaler) is known only after setup
         self.precision = MixedPrecision(self.device.type, self._dtype, self._scaler_kwargs)
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective did not complete in time; the message names the ranks that were missing."""
+
+
+def collective_timeout() -> datetime.timedelta:
+    """The collective timeout: DDPRUN_COLLECTIVE_TIMEOUT seconds, default 600 (torch's gloo
+    default is 30 minutes: too long to notice a hung rank)."""
+    return datetime.timedelta(seconds=float(os.environ.get("DDPRUN_COLLECTIVE_TIMEOUT", "600")))
+
+
+def _is_timeout(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("Timed out" in text or "timed out" in text)
+
+
+def _wait_for_ranks(store: Any, world_size: int, seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    keys = {rank: f"ddprun/timed_out/{rank}" for rank in range(world_size)}
+    while True:
+        missing = [rank for rank, key in keys.items() if not store.check([key])]
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(0.1)
 
 
 # ------------------------------------------------------------------ spawn mode

@@ -147,6 +147,21 @@ class IEngine:
     def barrier(self) -> None:
         """Wait for every rank."""
 
+    def explain_failure(self, error: BaseException) -> BaseException:
+        """A clearer error for `error` where the engine knows more (e.g. who hung)."""
+        return error
+
+    def agree_to_stop(self, signum: int | None, wait: bool = False) -> int | None:
+        """The stop signal to act on now, the same on every rank (or None).
+
+        Args:
+            signum: this rank's pending stop signal, if any.
+            wait: decide now (a blocking collective); otherwise the DDP engine answers with
+                the agreement started at the previous call, keeping the collective off the
+                critical path.
+        """
+        return signum
+
     # -------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Engine state that belongs in checkpoints (the AMP scaler)."""
