@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from ddprun.atomic import atomic_write, atomic_write_bytes
 
 __all__ = [
     "CheckpointError",
@@ -121,36 +122,19 @@ def unpack_checkpoint(
         _load_into(obj, checkpoint[key], name, source)
 
 
-def _atomic_write(path: Path, write: Any) -> Path:
-    """Write through `write(handle)` to a temp file beside `path`, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
 def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     """Write `obj` to `path` atomically: temp file in the same folder, fsync, rename.
 
     A crash at any point leaves either the old file or the new one, never a truncated one,
     and the temporary file is removed when the write fails.
     """
-    return _atomic_write(Path(path), lambda handle: torch.save(obj, handle))
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> Path:
     """Write `obj` as indented JSON, atomically (same rules as `save_checkpoint`)."""
     data = json.dumps(_finite(obj), indent=2, sort_keys=True, allow_nan=False).encode()
-    return _atomic_write(Path(path), lambda handle: handle.write(data))
+    return atomic_write_bytes(path, data)
 
 
 def _finite(obj: Any) -> Any:
@@ -182,20 +166,6 @@ def restore_rng_state(state: dict[str, Any] | None) -> None:
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename itself is durable only once the directory entry is on disk.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from typing_extensions import override
 
+from ddprun.atomic import atomic_write
 from ddprun.loggers.base import ILogger, Scope, scalar_metrics
 
 __all__ = ["CSVLogger"]
@@ -40,16 +40,13 @@ def _rewrite_with_header(path: Path, header: list[str]) -> None:
     """Rewrites ``path`` under a wider ``header``, atomically; missing cells stay empty."""
     with path.open(newline="") as stream:
         rows = list(csv.DictReader(stream))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=header, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(stream: Any) -> None:
+        writer = csv.DictWriter(stream, fieldnames=header, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    atomic_write(path, write, text=True)
 
 
 class CSVLogger(ILogger):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -23,6 +22,8 @@ from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
+
+from ddprun.atomic import atomic_write_bytes
 
 __all__ = ["MNIST", "DatasetNotFoundError", "IDXFormatError", "read_idx"]
 
@@ -110,24 +111,6 @@ def _fetch(url: str, timeout: float = _TIMEOUT_S) -> bytes:
         return response.read()
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    """Writes ``payload`` to ``path`` through a temp file in the same folder and ``os.replace``.
-
-    Concurrent ranks downloading at once each write their own temp file, so readers never see a
-    partial file.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _download_one(raw: Path, name: str) -> str | None:
     """Fetches ``<name>.gz`` from the first mirror that serves it intact.
 
@@ -147,7 +130,7 @@ def _download_one(raw: Path, name: str) -> str | None:
         if digest != MD5[gz_name]:
             failures.append(f"{url}: MD5 {digest} != expected {MD5[gz_name]} (corrupt download)")
             continue
-        _write_atomic(raw / gz_name, payload)
+        atomic_write_bytes(raw / gz_name, payload)
         return None
     return "; ".join(failures)
 
