@@ -385,6 +385,8 @@ def _spawned_worker(
         runner.run()
         if local_rank == 0:
             torch.save(_rank0_result(runner), Path(folder) / "rank0.pt")
+    except SystemExit as stop:  # RunStopped (a stop signal, after saving): not a failure report
+        distributed.exit_process(stop.code if isinstance(stop.code, int) else 1)
     except BaseException:
         message = traceback.format_exc()
         Path(folder, f"rank{local_rank}.error").write_text(message)
