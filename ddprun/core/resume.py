@@ -53,8 +53,9 @@ def _averages_with_current_batch(runner: Any) -> dict[str, dict[str, torch.Tenso
     states = {}
     for key, value in runner.batch_metrics.items():
         average = AdditiveMetric(metric_key=key).to(runner.device)
-        if key in runner._batch_averages:
-            average.replace_states(runner._batch_averages[key].get_states())
+        if key in runner._batch_averages:  # copies: update() adds in place
+            live = runner._batch_averages[key].get_states()
+            average.replace_states({name: t.clone() for name, t in live.items()})
         average.update(value, runner.batch_size)
         states[key] = _cpu_states(average)
     for key, average in runner._batch_averages.items():

@@ -47,7 +47,7 @@ import torch
 
 from ddprun.core import resume
 from ddprun.core.callback import Callback, Event, build_dispatch, keep_for_rank, sort_callbacks
-from ddprun.core.stop import RunStopped, StopFlag
+from ddprun.core.stop import RunStopped, StopFlag, StopVote
 from ddprun.metrics import AdditiveMetric, Metric, synchronized
 from ddprun.utils import set_global_seed
 
@@ -63,6 +63,10 @@ class IRunner:
         model: optional model (or dict of models) returned by the default `get_model`.
         engine: optional engine returned by the default `get_engine`.
     """
+
+    #: Training batches between two stop-signal agreements across ranks (a small collective,
+    #: kept off the critical path); a SIGTERM takes effect within this many batches.
+    stop_check_every_n_batches: int = 8
 
     def __init__(self, model: Any = None, engine: Any = None) -> None:
         self.model = model
@@ -278,8 +282,10 @@ class IRunner:
         self._fire_callbacks(Event.BATCH_START)
         with self.engine.autocast():
             self.handle_batch(self.batch)
-        if self.is_train_loader:  # every rank runs as many train batches: safe to agree here
-            # agreed before batch_end, so CheckpointCallback saves this batch's state
+        every = self.stop_check_every_n_batches
+        if self.is_train_loader and self.loader_batch_step % every == 0:
+            # Every rank runs as many train batches, so all agree at the same batch; agreed
+            # before batch_end, so CheckpointCallback saves this batch's state.
             self.stop_signal = self.engine.agree_to_stop(self._stop_flag.signum)
         self._fire_callbacks(Event.BATCH_END)
         self._average_batch_metrics()
@@ -370,12 +376,15 @@ class IRunner:
 
     def _end_loader(self) -> None:
         # Evaluation splits may differ by a batch across ranks, so loader ends are where all
-        # ranks meet; a stop agreed here takes effect after the epoch's checkpoint.
-        self.stop_signal = self.engine.agree_to_stop(self._stop_flag.signum, wait=True)
+        # ranks meet to agree on a stop, inside the one metric reduction; a stop agreed here
+        # takes effect after the epoch's checkpoint.
+        in_flight = self.engine.drain_stop_agreement()
+        vote = StopVote(self._stop_flag.signum or in_flight, self.device)
         # sorted: every rank must pack the same states in the same order
         averages = [self._batch_averages[key] for key in sorted(self._batch_averages)]
-        metrics = self._tracked_metrics + averages
+        metrics = [*self._tracked_metrics, *averages, vote]
         with synchronized(metrics, self.engine.collectives):
+            self.stop_signal = vote.compute()
             self._fire_callbacks(Event.LOADER_END)
             for key, average in self._batch_averages.items():
                 if key not in self.loader_metrics:

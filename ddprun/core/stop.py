@@ -13,6 +13,10 @@ import threading
 from types import FrameType
 from typing import Any
 
+import torch
+
+from ddprun.metrics import Metric
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -25,6 +29,31 @@ class RunStopped(SystemExit):
 
     def __str__(self) -> str:
         return f"stopped by {signal.Signals(self.signum).name} after saving last.pth"
+
+
+class StopVote(Metric):
+    """This rank's stop flag as a "sum" state, synced in the loader-end metric reduction, so
+    agreeing at loader ends costs no collective of its own."""
+
+    def __init__(self, signum: int | None, device: torch.device) -> None:
+        super().__init__(compute_on_call=False)
+        self.signum = signum
+        self.add_state("votes", torch.zeros(1, dtype=torch.float64), "sum")
+        self.to(device)
+        if signum is not None:
+            self.votes.fill_(1.0)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to accumulate: the vote is set when the vote is built."""
+
+    def compute(self) -> int | None:
+        """The agreed stop signal (this rank's, or SIGTERM when only peers were signalled)."""
+        if float(self.votes.sum()) == 0:
+            return None
+        return self.signum or int(signal.SIGTERM)
+
+    def compute_key_value(self) -> dict[str, float]:
+        return {}
 
 
 class StopFlag:

@@ -244,30 +244,30 @@ class DistributedDataParallelEngine(IEngine):
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
-    def agree_to_stop(self, signum: int | None, wait: bool = False) -> int | None:
+    def agree_to_stop(self, signum: int | None) -> int | None:
         """Pipelined MAX all-reduce of the stop flag on the CPU control group.
 
-        Without `wait`, this call returns the agreement started at the previous call and starts
-        a new one, so no rank blocks on it; every rank gets the same answer at the same call.
+        Returns the agreement started at the previous call and starts a new one, so no rank
+        blocks on it; every rank gets the same answer at the same call.
         """
-        agreed = 0
-        if self._stop_pending is not None:
-            buffer, work = self._stop_pending
-            work.wait()
-            agreed = int(buffer.item())  # a CPU tensor: no device sync
-            self._stop_pending = None
+        agreed = self.drain_stop_agreement()
         buffer = self._stop_buffers[self._stop_calls % 2]
         self._stop_calls += 1
         buffer.fill_(signum or 0)
         work = dist.all_reduce(
             buffer, op=dist.ReduceOp.MAX, group=self._control_group, async_op=True
         )
-        if wait:
-            work.wait()
-            agreed = max(agreed, int(buffer.item()))
-        else:
-            self._stop_pending = (buffer, work)
-        return agreed or None
+        self._stop_pending = (buffer, work)
+        return agreed
+
+    def drain_stop_agreement(self) -> int | None:
+        """Wait for the agreement still in flight (if any) and return it."""
+        if self._stop_pending is None:
+            return None
+        buffer, work = self._stop_pending
+        self._stop_pending = None
+        work.wait()
+        return int(buffer.item()) or None  # a CPU tensor: no device sync
 
     def explain_failure(self, error: BaseException) -> BaseException:
         """Turn a collective timeout into an error naming the rank(s) that stopped answering.

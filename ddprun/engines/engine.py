@@ -151,16 +151,17 @@ class IEngine:
         """A clearer error for `error` where the engine knows more (e.g. who hung)."""
         return error
 
-    def agree_to_stop(self, signum: int | None, wait: bool = False) -> int | None:
+    def agree_to_stop(self, signum: int | None) -> int | None:
         """The stop signal to act on now, the same on every rank (or None).
 
-        Args:
-            signum: this rank's pending stop signal, if any.
-            wait: decide now (a blocking collective); otherwise the DDP engine answers with
-                the agreement started at the previous call, keeping the collective off the
-                critical path.
+        The DDP engine answers with the agreement started at its previous call, keeping the
+        collective off the critical path; here there is nobody to agree with.
         """
         return signum
+
+    def drain_stop_agreement(self) -> int | None:
+        """The result of an agreement still in flight (DDP), else None."""
+        return None
 
     # -------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Process management is torch's: `elastic_launch` runs a `LocalElasticAgent` in this process (its
 main thread), which starts the workers, polls them every `monitor_interval`, stops the rest when
-one fails, restarts the group up to `max_restarts` times, and on SIGINT/SIGTERM/SIGHUP/SIGQUIT
+one fails, restarts the group up to `max_restarts` times, and on SIGINT/SIGTERM/SIGHUP/SIGQUIT/SIGUSR1
 forwards the signal to every worker, waits `shutdown_timeout` seconds, then SIGKILLs.
 
 Output. Every worker's stdout and stderr are redirected by the agent (Std.ALL) into its
@@ -24,6 +24,7 @@ rank<N>.log after each attempt would leave the rank logs empty while a run is in
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -41,14 +42,17 @@ from torch.distributed.elastic.multiprocessing.api import LogsDest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.elastic.multiprocessing.tail_log import TailLog
 from torch.distributed.elastic.rendezvous import (
+    RendezvousConnectionError,
+    RendezvousError,
     RendezvousHandler,
     RendezvousInfo,
     RendezvousParameters,
+    RendezvousTimeoutError,
     rendezvous_handler_registry,
 )
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from ddprun.launch.cli import RDZV_BACKEND, LaunchSettings
+from ddprun.launch.cli import NODE_RANK_CONFIG, RDZV_BACKEND, LaunchSettings
 
 __all__ = [
     "RankLogMirror",
@@ -64,6 +68,8 @@ _SUMMARY_TAIL_LINES = 15
 # How often the log followers look for new output: console latency vs. idle wake-ups.
 _TAIL_INTERVAL_SECONDS = 0.05
 _LEFTOVER_WAIT_SECONDS = 5.0
+#: The job-wide restart count every worker sees (see `FreshWorkerStoreRendezvous`).
+RESTART_COUNT_ENV = "DDPRUN_RESTART_COUNT"
 
 
 class _LineSink:
@@ -169,7 +175,8 @@ class RankLogsSpecs(DefaultLogsSpecs):
 
 
 class FreshWorkerStoreRendezvous(RendezvousHandler):
-    """torch's c10d rendezvous, except that every round gives the workers a new store.
+    """torch's c10d rendezvous, except that every round gives the workers a new store and
+    nodes with a fixed node rank get it as their group rank.
 
     Since torch 2.5 the c10d handler hosts the workers' TCPStore in the agent and, in torch
     2.13, creates it once and hands the same server to every round. Workers do not prefix
@@ -179,14 +186,32 @@ class FreshWorkerStoreRendezvous(RendezvousHandler):
     each round makes rank 0's agent bind a new one on port 0, as torch intended (PR #135957),
     so keys never leak between attempts and no port is ever probed. The rendezvous store
     itself (127.0.0.1:0 or the endpoint) is created once and kept for the whole run.
+
+    Every round the nodes also publish, in the round's store, their node rank (when fixed)
+    and how many rounds they joined before; this is where two things are settled:
+
+    - Group ranks. torch's c10d rendezvous ranks the nodes by (host name, agent pid), not by
+      ``--node-rank``: on one machine the launcher started first becomes group 0, on a cluster
+      the alphabetically first host. With `node_rank` set (a fixed-size job whose node rank
+      was given, or SLURM's), each node takes it as its group rank, so GROUP_RANK == node rank
+      and node 0's first worker is global rank 0 (the one that writes logs and checkpoints).
+      Two nodes claiming one rank fail the launch with a clear message.
+    - The job's restart count. Each agent counts only its own restarts, so a node that joins
+      a job that already ran (a replaced node, an elastic scale-up) would start its workers
+      with TORCHELASTIC_RESTART_COUNT=0 while the others resume from last.pth. The largest
+      count of earlier rounds over all nodes is exported as DDPRUN_RESTART_COUNT; the worker
+      wrapper raises TORCHELASTIC_RESTART_COUNT to it, so every rank agrees on resuming.
     """
 
     # Private attributes of torch's DynamicRendezvousHandler; absent in other versions, in
     # which case torch's own behaviour is kept.
     _CACHED = ("_shared_tcp_store_server", "_bootstrap_store_info")
+    _NODE_KEY = "ddprun/node/"
 
-    def __init__(self, inner: RendezvousHandler) -> None:
+    def __init__(self, inner: RendezvousHandler, node_rank: int | None = None) -> None:
         self._inner = inner
+        self._node_rank = node_rank
+        self._rounds = 0  # rounds this node completed before the current one
 
     @property
     def use_agent_store(self) -> bool:
@@ -196,7 +221,25 @@ class FreshWorkerStoreRendezvous(RendezvousHandler):
         for name in self._CACHED:
             if hasattr(self._inner, name):
                 setattr(self._inner, name, None)
-        return self._inner.next_rendezvous()
+        info = self._agree(self._inner.next_rendezvous())
+        self._rounds += 1
+        return info
+
+    def _agree(self, info: RendezvousInfo) -> RendezvousInfo:
+        """Exchange (node rank, earlier rounds) with the round's other nodes; apply both."""
+        store, world_size = info.store, info.world_size
+        store.set(f"{self._NODE_KEY}{info.rank}", json.dumps([self._node_rank, self._rounds]))
+        nodes = [json.loads(store.get(f"{self._NODE_KEY}{rank}")) for rank in range(world_size)]
+        os.environ[RESTART_COUNT_ENV] = str(max(rounds for _, rounds in nodes))
+        if self._node_rank is None:
+            return info
+        claimed = [node_rank for node_rank, _ in nodes]
+        if None in claimed or sorted(claimed) != list(range(world_size)):
+            raise RendezvousError(
+                f"the {world_size} nodes gave node ranks {claimed}; each node needs its own "
+                f"--node-rank in 0..{world_size - 1}"
+            )
+        return RendezvousInfo(store, self._node_rank, world_size, info.bootstrap_store_info)
 
     def get_backend(self) -> str:
         return RDZV_BACKEND
@@ -218,11 +261,14 @@ class FreshWorkerStoreRendezvous(RendezvousHandler):
 
 
 def _create_rendezvous(params: RendezvousParameters) -> RendezvousHandler:
+    config = dict(params.config)
+    node_rank = config.pop(NODE_RANK_CONFIG, None)
     c10d = RendezvousParameters(
         "c10d", params.endpoint, params.run_id, params.min_nodes, params.max_nodes,
-        params.local_addr, **params.config,
+        params.local_addr, **config,
     )  # fmt: skip
-    return FreshWorkerStoreRendezvous(rendezvous_handler_registry.create_handler(c10d))
+    inner = rendezvous_handler_registry.create_handler(c10d)
+    return FreshWorkerStoreRendezvous(inner, None if node_rank is None else int(node_rank))
 
 
 def _register_rendezvous() -> None:
@@ -387,7 +433,9 @@ def _quiet_torch_logging() -> None:
                 logger.setLevel(level)
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+# SIGUSR1 is SLURM's usual "time limit near" warning (--signal=USR1@T): like SIGTERM it is
+# forwarded to the workers (the runner saves last.pth on either) and the launcher exits 138.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
 
 
 def _set_stop_signals(handler: Any) -> None:
@@ -431,6 +479,21 @@ def _report_child_failure(error: ChildFailedError, mirror: RankLogMirror, tee_al
     return 1
 
 
+def _launch_error_hint(error: Exception, settings: LaunchSettings) -> str:
+    """What a rendezvous error most likely means for a multi-node job."""
+    if settings.is_single_node:
+        return ""
+    endpoint = settings.rendezvous().endpoint
+    if isinstance(error, RendezvousTimeoutError):
+        return (
+            f" (fewer than {settings.min_nodes} nodes joined {endpoint} within "
+            f"{settings.rdzv_timeout} s; see --rdzv-timeout)"
+        )
+    if isinstance(error, RendezvousConnectionError):
+        return f" (the rendezvous store at {endpoint} is unreachable: is node 0's launcher up?)"
+    return ""
+
+
 def launch(settings: LaunchSettings) -> int:
     """Run the workers described by `settings` on this node and wait for them.
 
@@ -451,16 +514,21 @@ def launch(settings: LaunchSettings) -> int:
         elastic_launch(build_launch_config(settings, specs), entrypoint)(*args)
         return 0
     except ChildFailedError as error:
+        _set_stop_signals(signal.SIG_IGN)  # a second signal must not cut the report short
         mirror.close()  # the rank logs and console must be complete before the summary
         return _report_child_failure(error, mirror, settings.tee)
     except SignalException as exc:
+        # e.g. SIGUSR1, then srun's SIGTERM once another node's launcher has exited
+        _set_stop_signals(signal.SIG_IGN)
         mirror.close()
         print(f"ddprun: stopped by {exc.sigval.name}; all workers were stopped", file=sys.stderr)
         return 128 + int(exc.sigval)
     except KeyboardInterrupt:  # Ctrl-C before the agent installed its handlers
         return 128 + signal.SIGINT
     except Exception as exc:  # rendezvous and other launcher errors: one line, no torch dump
-        print(f"ddprun: launch failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        _set_stop_signals(signal.SIG_IGN)
+        what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        print(f"ddprun: launch failed: {what}{_launch_error_hint(exc, settings)}", file=sys.stderr)
         return 1
     finally:
         _set_stop_signals(signal.SIG_IGN)  # let the cleanup finish even on a second Ctrl-C

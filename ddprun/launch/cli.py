@@ -35,6 +35,8 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
 RDZV_BACKEND = "ddprun-c10d"
 #: Rendezvous id of multi-node runs given none (and not under SLURM).
 SHARED_RUN_ID = "ddprun"
+#: rdzv_configs key carrying this node's fixed rank to ddprun's rendezvous (agent.py).
+NODE_RANK_CONFIG = "ddprun_node_rank"
 
 
 class UsageError(ValueError):
@@ -66,6 +68,7 @@ class LaunchSettings:
     min_nodes: int = 1
     max_nodes: int = 1
     node_rank: int = 0
+    node_rank_given: bool = False  # from --node-rank, its twin or the scheduler
     master_addr: str = "127.0.0.1"
     master_port: int | None = None  # None on one node: the store binds a free port itself
     rdzv_endpoint: str | None = None
@@ -76,15 +79,26 @@ class LaunchSettings:
     backend: str | None = None  # exported to workers as DDPRUN_BACKEND
     shutdown_timeout: int = 30  # seconds between forwarding SIGTERM and SIGKILL
     monitor_interval: float = 0.1
-    rdzv_timeout: int = 900
+    rdzv_timeout: int = 900  # seconds to wait for the nodes to join a round (each restart too)
     start_method: str = "spawn"
     role: str = "default"
-    signals_to_handle: str = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+    signals_to_handle: str = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # forwarded to workers
     default_master_port: int = 29500  # multi-node rendezvous port when none is given
 
     @property
     def is_single_node(self) -> bool:
         return self.max_nodes == 1
+
+    @property
+    def fixed_node_rank(self) -> int | None:
+        """The group rank this node must get, or None when the rendezvous may choose.
+
+        A fixed-size multi-node job whose node rank was given (or taken from SLURM) keeps it:
+        GROUP_RANK == node rank, so node 0's local rank 0 is global rank 0. Elastic jobs
+        (MIN:MAX) and jobs without a node rank let the rendezvous order the nodes.
+        """
+        fixed = self.node_rank_given and self.min_nodes == self.max_nodes > 1
+        return self.node_rank if fixed else None
 
     def rendezvous(self) -> Rendezvous:
         """Where and how this node's agent meets the others (always torch's c10d rendezvous).
@@ -92,9 +106,12 @@ class LaunchSettings:
         One node with no port given: the agent's store binds 127.0.0.1:0, a free port chosen by
         the OS at bind time, so concurrent jobs never collide and restarts keep that store.
         Otherwise the store listens on the endpoint (--rdzv-endpoint, or master addr:port) and
-        the node with node rank 0 hosts it; global ranks are assigned by the rendezvous.
+        the node with node rank 0 hosts it; nodes keep their given node rank as group rank
+        (`fixed_node_rank`), else the rendezvous orders them.
         """
         configs: dict[str, Any] = {"timeout": self.rdzv_timeout, "join_timeout": self.rdzv_timeout}
+        if self.fixed_node_rank is not None:
+            configs[NODE_RANK_CONFIG] = self.fixed_node_rank
         if self.rdzv_endpoint:
             if self.is_single_node:
                 configs["is_host"] = True
@@ -128,6 +145,7 @@ _FLAGS = (
     _Flag(("--master-port",), "master_port", "rendezvous port on node 0 (default: free)", "PORT"),
     _Flag(("--rdzv-endpoint",), "rdzv_endpoint", "c10d rendezvous HOST:PORT", "HOST:PORT"),
     _Flag(("--rdzv-id",), "rdzv_id", "rendezvous id shared by all nodes; names the log dir", "ID"),
+    _Flag(("--rdzv-timeout",), "rdzv_timeout", "seconds to wait for the nodes (default 900)", "S"),
     _Flag(("--max-restarts",), "max_restarts", "restart all workers up to K times", "K"),
     _Flag(("--logdir",), "logdir", "log directory (default ./ddprun_logs/<run id>)", "DIR"),
     _Flag(("--tee",), "tee", "also show every rank's output on the console, prefixed"),
@@ -296,8 +314,9 @@ def _check_entrypoint(script: str | None, is_module: bool) -> str:
     return script
 
 
-def _nodes(raw: dict[str, Any], cluster: ClusterInfo | None) -> tuple[int, int, int]:
-    """Resolve (min_nodes, max_nodes, node_rank) from flags/twins, then the cluster."""
+def _nodes(raw: dict[str, Any], cluster: ClusterInfo | None) -> tuple[int, int, int, bool]:
+    """Resolve (min_nodes, max_nodes, node_rank, node_rank_given) from flags/twins, then the
+    cluster."""
     nnodes_text, source = raw["nnodes"]
     if nnodes_text is not None:
         min_nodes, max_nodes = _parse_nnodes(nnodes_text, source)
@@ -306,6 +325,7 @@ def _nodes(raw: dict[str, Any], cluster: ClusterInfo | None) -> tuple[int, int, 
     else:
         min_nodes, max_nodes = _default("min_nodes"), _default("max_nodes")
     rank_text, source = raw["node_rank"]
+    given = True
     if rank_text is not None:
         node_rank = _parse_int(
             rank_text, source, 0, max_nodes - 1, f"an integer in 0..{max_nodes - 1}"
@@ -313,12 +333,12 @@ def _nodes(raw: dict[str, Any], cluster: ClusterInfo | None) -> tuple[int, int, 
     elif cluster is not None and cluster.nnodes == max_nodes:
         node_rank = cluster.node_rank  # only meaningful for the scheduler's own node count
     else:
-        node_rank = _default("node_rank")
+        node_rank, given = _default("node_rank"), False
     if node_rank >= max_nodes:
         raise UsageError(
             f"node rank {node_rank} is outside 0..{max_nodes - 1} for --nnodes {max_nodes}"
         )
-    return min_nodes, max_nodes, node_rank
+    return min_nodes, max_nodes, node_rank, given
 
 
 def _master(
@@ -384,7 +404,7 @@ def build_settings(argv: Sequence[str], env: Mapping[str, str]) -> LaunchSetting
     is_module = bool(raw["module"][0])
     entrypoint = _check_entrypoint(script, is_module)
     cluster = _detect(env)
-    min_nodes, max_nodes, node_rank = _nodes(raw, cluster)
+    min_nodes, max_nodes, node_rank, node_rank_given = _nodes(raw, cluster)
     master_addr, master_port = _master(raw, cluster, multi_node=max_nodes > 1)
     run_id = _run_id(raw, cluster, multi_node=max_nodes > 1)
     return LaunchSettings(
@@ -395,10 +415,12 @@ def build_settings(argv: Sequence[str], env: Mapping[str, str]) -> LaunchSetting
         min_nodes=min_nodes,
         max_nodes=max_nodes,
         node_rank=node_rank,
+        node_rank_given=node_rank_given,
         master_addr=master_addr,
         master_port=master_port,
         rdzv_endpoint=_optional(raw, "rdzv_endpoint", _parse_endpoint, _default("rdzv_endpoint")),
         run_id=run_id,
+        rdzv_timeout=_optional(raw, "rdzv_timeout", _positive, _default("rdzv_timeout")),
         max_restarts=_optional(raw, "max_restarts", _nonnegative, _default("max_restarts")),
         logdir=_logdir(raw, run_id),
         tee=bool(raw["tee"][0]),
@@ -413,18 +435,42 @@ def _nonnegative(text: str, source: str) -> int:
     return _parse_int(text, source, 0, None, "an integer >= 0")
 
 
+def _positive(text: str, source: str) -> int:
+    return _parse_int(text, source, 1, None, "an integer >= 1")
+
+
+_CPP_LOG_LEVEL = "TORCH_CPP_LOG_LEVEL"
+
+
+def _quiet_torch_cpp_warnings() -> bool:
+    """Keep torch's C++ warnings out of the launcher (not the workers), unless asked for.
+
+    When a node dies, the agent's store client logs each failed heartbeat with a C++ stack
+    trace; the launcher's own one-line message says what happened. DDPRUN_LOG_LEVEL or an
+    explicit TORCH_CPP_LOG_LEVEL keeps them. Returns True if the variable was set here.
+    """
+    if _CPP_LOG_LEVEL in os.environ or os.environ.get("DDPRUN_LOG_LEVEL"):
+        return False
+    os.environ[_CPP_LOG_LEVEL] = "ERROR"
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ddprun``; return the process exit status.
 
     Returns:
         0 on success, 1 if a worker failed, 2 on invalid arguments, 128+N after signal N.
     """
+    quiet = _quiet_torch_cpp_warnings()
     try:
         settings = build_settings(sys.argv[1:] if argv is None else argv, os.environ)
+        from ddprun.launch.agent import launch  # imports torch: only once the arguments are valid
     except UsageError as exc:
         print(f"ddprun: error: {exc}", file=sys.stderr)
         return 2
-    from ddprun.launch.agent import launch  # imports torch: only once the arguments are valid
+    finally:
+        if quiet:  # read once, when torch is imported; the workers get the user's environment
+            del os.environ[_CPP_LOG_LEVEL]
 
     status = launch(settings)
     if argv is None:

@@ -6,6 +6,10 @@ The agent starts every worker as ``python -u -m ddprun.launch.worker MODE TARGET
 1. asks the kernel for SIGTERM when the launcher dies (PR_SET_PDEATHSIG), so a SIGKILLed
    launcher leaves no orphans; the worker's parent is the agent, i.e. the launcher process;
 2. sets OMP_NUM_THREADS to cores // local world size when unset (before torch is imported);
+   raises TORCHELASTIC_RESTART_COUNT to the job's count (DDPRUN_RESTART_COUNT: the most
+   rounds any node has run, see agent.py; SLURM_RESTART_COUNT: a requeued job), so the
+   workers of a node that (re)joined a running job, or of a requeued job, resume from
+   last.pth like everyone else;
 3. runs the script as ``__main__`` (runpy) inside torch's error recording (`record` with an
    `ErrorHandler` subclass), so the agent can show the first failing rank's traceback;
 4. leaves through `ddprun.distributed.exit_process`: a failed worker exits at once instead of
@@ -67,6 +71,14 @@ def _default_omp_threads() -> None:
         cores = os.cpu_count() or 1
     local_world_size = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     os.environ["OMP_NUM_THREADS"] = str(max(1, cores // local_world_size))
+
+
+def _adopt_job_restart_count() -> None:
+    """Make TORCHELASTIC_RESTART_COUNT the job's count, not only this node's agent's."""
+    names = ("TORCHELASTIC_RESTART_COUNT", "DDPRUN_RESTART_COUNT", "SLURM_RESTART_COUNT")
+    counts = [int(value) for value in map(os.environ.get, names) if value and value.isdigit()]
+    if counts and max(counts) > 0:
+        os.environ["TORCHELASTIC_RESTART_COUNT"] = str(max(counts))
 
 
 def _is_internal(filename: str) -> bool:
@@ -207,6 +219,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         exit_process(2)
     _arm_parent_death_signal()
     _default_omp_threads()
+    _adopt_job_restart_count()
     exit_process(run_recorded(argv[0], argv[1], argv[2:]))
 
 
