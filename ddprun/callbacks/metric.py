@@ -35,7 +35,11 @@ class _LoaderMetricCallback(Callback):
             self.metric = self._make_metric()
         self.metric.to(runner.device)
         self.metric.reset()
-        runner.track_metric(self.metric)
+        runner.track_metric(self.metric, batch_keys=self._batch_keys())
+
+    def _batch_keys(self) -> list[str]:
+        """Keys this callback writes per batch and computes exactly per loader."""
+        return []
 
     def _inputs(self, runner: Any) -> tuple[torch.Tensor, torch.Tensor]:
         owner = type(self).__name__
@@ -75,6 +79,9 @@ class AccuracyCallback(_LoaderMetricCallback):
 
     def _make_metric(self) -> Metric:
         return AccuracyMetric(topk=self.topk_args)
+
+    def _batch_keys(self) -> list[str]:
+        return [f"accuracy{k:02d}" for k in self.topk_args] if self.log_on_batch else []
 
     def on_batch_end(self, runner: Any) -> None:
         if runner.is_infer_loader:

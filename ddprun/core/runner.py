@@ -40,7 +40,7 @@ are synced across ranks together, in one packed reduction, around the callbacks'
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -164,12 +164,18 @@ class IRunner:
         raise NotImplementedError
 
     # ----------------------------------------------------------- metric sync
-    def track_metric(self, metric: Metric) -> Metric:
+    def track_metric(self, metric: Metric, batch_keys: Iterable[str] = ()) -> Metric:
         """Have `metric` synced across ranks at this loader's end, with everything else.
 
         Metric callbacks call this in ``on_loader_start`` (after the runner's reset).
+
+        Args:
+            metric: the stateful metric.
+            batch_keys: keys this metric also writes into ``batch_metrics`` and computes
+                exactly at loader end; the runner does not average those per batch.
         """
         self._tracked_metrics.append(metric)
+        self._exact_keys.update(batch_keys)
         return metric
 
     # ------------------------------------------------------------------ logging
@@ -320,6 +326,7 @@ class IRunner:
         self.stop_signal: int | None = None
         self.exception: BaseException | None = None
         self._tracked_metrics: list[Metric] = []
+        self._exact_keys: set[str] = set()
         self._batch_averages: dict[str, AdditiveMetric] = {}
         self._batch_loggers: list[Any] = []
         # Set by CheckpointCallback when resuming: the mid-epoch position to continue from,
@@ -360,6 +367,7 @@ class IRunner:
         self.loader_batch_step = self.loader_sample_step = 0
         self.loader_metrics = {}
         self._tracked_metrics = []
+        self._exact_keys: set[str] = set()
         self._batch_averages = {}
         _set_train_mode(self.model, self.is_train_loader)
         _set_sampler_epoch(loader, self.global_epoch_step)
@@ -368,6 +376,8 @@ class IRunner:
         # Every batch_metrics value is averaged over the loader, weighted by batch size, in
         # tensors on the device: no host sync per batch.
         for key, value in self.batch_metrics.items():
+            if key in self._exact_keys:
+                continue
             average = self._batch_averages.get(key)
             if average is None:
                 average = AdditiveMetric(metric_key=key).to(self.device)

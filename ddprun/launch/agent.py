@@ -2,8 +2,8 @@
 
 Process management is torch's: `elastic_launch` runs a `LocalElasticAgent` in this process (its
 main thread), which starts the workers, polls them every `monitor_interval`, stops the rest when
-one fails, restarts the group up to `max_restarts` times, and on SIGINT/SIGTERM/SIGHUP/SIGQUIT/SIGUSR1
-forwards the signal to every worker, waits `shutdown_timeout` seconds, then SIGKILLs.
+one fails, restarts the group up to `max_restarts` times, and on SIGINT, SIGTERM, SIGHUP, SIGQUIT
+or SIGUSR1 forwards the signal to every worker, waits `shutdown_timeout` seconds, then SIGKILLs.
 
 Output. Every worker's stdout and stderr are redirected by the agent (Std.ALL) into its
 per-attempt files (``<logdir>/elastic/<run id>_*/attempt_<k>/<local rank>/std{out,err}.log``).
@@ -472,7 +472,18 @@ def _kill_leftover_workers() -> None:
     psutil.wait_procs(workers, timeout=_LEFTOVER_WAIT_SECONDS)
 
 
+#: Exit statuses of workers the runner stopped on a signal, after saving (RunStopped).
+_STOPPED_STATUSES = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGUSR1: "SIGUSR1"}
+
+
 def _report_child_failure(error: ChildFailedError, mirror: RankLogMirror, tee_all: bool) -> int:
+    codes = {failure.exitcode for failure in error.failures.values()}
+    if codes and codes <= set(_STOPPED_STATUSES):
+        # A signal reached another node (or only the workers): every rank agreed to stop.
+        code = max(codes)
+        print(f"ddprun: the workers stopped on {_STOPPED_STATUSES[code]} sent to another node or "
+              f"to the workers, after saving (exit code {code})", file=sys.stderr, flush=True)  # fmt: skip
+        return code
     root = choose_root_failure(error.failures)
     on_console = tee_all or root.rank == 0
     print(format_failure_summary(root, mirror, on_console), file=sys.stderr, flush=True)
@@ -489,6 +500,10 @@ def _launch_error_hint(error: Exception, settings: LaunchSettings) -> str:
             f" (fewer than {settings.min_nodes} nodes joined {endpoint} within "
             f"{settings.rdzv_timeout} s; see --rdzv-timeout)"
         )
+    if isinstance(error, RendezvousConnectionError) and settings.rendezvous().configs.get(
+        "is_host"
+    ):
+        return f" (could not host the rendezvous store on {endpoint}: port taken, or two node 0s?)"
     if isinstance(error, RendezvousConnectionError):
         return f" (the rendezvous store at {endpoint} is unreachable: is node 0's launcher up?)"
     return ""

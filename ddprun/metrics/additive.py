@@ -50,7 +50,10 @@ class AdditiveMetric(Metric):
         """
         self.num_samples.add_(num_samples)
         if isinstance(value, Tensor):
-            value = value.detach().reshape(()).to(device=self.device, dtype=torch.float64)
+            # In-place ops promote into the float64 states: no conversion copy per batch.
+            value = value.detach()
+            if value.dim():
+                value = value.reshape(())
             self.weighted_sum.add_(value, alpha=num_samples)
             self.weighted_square_sum.addcmul_(value, value, value=num_samples)
         else:
