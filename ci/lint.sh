@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ruff lint and format check over the package, tests, examples and benchmarks.
+# ruff lint and format check over the whole repository (pyproject.toml holds the excludes).
 set -euo pipefail
-ruff check ddprun tests examples benchmarks
-ruff format --check ddprun tests examples benchmarks
+ruff check .
+ruff format --check .

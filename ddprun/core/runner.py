@@ -298,7 +298,9 @@ class IRunner:
         if self._batch_loggers:
             for logger in self._batch_loggers:
                 logger.log_metrics(self.batch_metrics, "batch", self)
-        if self.stop_signal is not None:
+        if self.is_train_loader and self.stop_signal is not None:
+            # agreed at this batch (saved by CheckpointCallback); a stop agreed at a loader end
+            # waits for the epoch's end and its checkpoint instead
             raise RunStopped(self.stop_signal)
 
     # ------------------------------------------------------------------ resume

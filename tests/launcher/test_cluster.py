@@ -23,6 +23,12 @@ from ddprun.launch.cluster import ClusterError, detect_cluster, expand_nodelist,
         ("r[1-2]c[1-2]", ["r1c1", "r1c2", "r2c1", "r2c2"]),
         ("x1,y[5],z", ["x1", "y5", "z"]),
         ("host-1.example.org", ["host-1.example.org"]),
+        ("node[1-3]", ["node1", "node2", "node3"]),
+        ("a[01-02],b[5,7-8]", ["a01", "a02", "b5", "b7", "b8"]),
+        ("n-[001-003]-ib,x", ["n-001-ib", "n-002-ib", "n-003-ib", "x"]),
+        ("gpu[0009-0011]", ["gpu0009", "gpu0010", "gpu0011"]),  # padding kept across digits
+        ("c[7,010-011]", ["c7", "c010", "c011"]),  # each range keeps its own padding
+        (" node[1-2] ", ["node1", "node2"]),
     ],
 )
 def test_expand_nodelist(nodelist: str, hosts: list[str]) -> None:
