@@ -52,7 +52,7 @@ def _averages_with_current_batch(runner: Any) -> dict[str, dict[str, torch.Tenso
     # fold them into copies, so the checkpoint covers every batch up to this one.
     states = {}
     for key, value in runner.batch_metrics.items():
-        average = AdditiveMetric(metric_key=key).to(runner.device)
+        average = AdditiveMetric(metric_key=key, with_std=False).to(runner.device)
         if key in runner._batch_averages:  # copies: update() adds in place
             live = runner._batch_averages[key].get_states()
             average.replace_states({name: t.clone() for name, t in live.items()})
@@ -76,7 +76,10 @@ def restore_metrics(runner: Any, position: Mapping[str, Any]) -> None:
     ranks = position["ranks"]
     merge_here = runner.engine.rank <= 0  # other ranks keep empty states
     for key in ranks[0]["averages"]:  # every rank creates them: the sync packs the same list
-        runner._batch_averages[key] = AdditiveMetric(metric_key=key).to(runner.device)
+        # `_merge` reads only the declared states: older checkpoints' square sums are dropped
+        runner._batch_averages[key] = AdditiveMetric(metric_key=key, with_std=False).to(
+            runner.device
+        )
     if not merge_here:
         return
     for index, metric in enumerate(runner._tracked_metrics):

@@ -76,6 +76,7 @@ class IRunner:
         self.callbacks: dict[str, Callback] = {}
         self.loggers: dict[str, Any] = {}
         self._dispatch: dict[Event, list[Callback]] = {event: [] for event in Event}
+        self._bound: dict[Event, list[Any]] = {event: [] for event in Event}
         self._stop_flag = StopFlag()
         self._reset_experiment_state()
         self.stage_key = "infer"
@@ -357,6 +358,8 @@ class IRunner:
         rank = self.engine.rank
         self.callbacks = {k: cb for k, cb in callbacks.items() if keep_for_rank(cb, rank)}
         self._dispatch = build_dispatch(self.callbacks)
+        # bound methods, resolved once per stage: no getattr per callback and event
+        self._bound = {e: [getattr(c, e.value) for c in cbs] for e, cbs in self._dispatch.items()}
 
     def _start_loader(self, loader_key: str, loader: Any) -> None:
         self.loader_key = loader_key
@@ -382,7 +385,7 @@ class IRunner:
                 continue
             average = self._batch_averages.get(key)
             if average is None:
-                average = AdditiveMetric(metric_key=key).to(self.device)
+                average = AdditiveMetric(metric_key=key, with_std=False).to(self.device)
                 self._batch_averages[key] = average
             average.update(value, self.batch_size)
 
@@ -406,8 +409,8 @@ class IRunner:
         self.log_metrics(self.loader_metrics, scope="loader")
 
     def _fire_callbacks(self, event: Event) -> None:
-        for callback in self._dispatch[event]:
-            getattr(callback, event.value)(self)
+        for method in self._bound[event]:
+            method(self)
 
     def _close_loggers(self) -> None:
         for logger in self.loggers.values():

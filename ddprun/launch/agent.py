@@ -23,6 +23,7 @@ rank<N>.log after each attempt would leave the rank logs empty while a run is in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,11 +33,13 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 import psutil
+import torch.distributed.launcher.api as _launcher_api
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
 from torch.distributed.elastic.multiprocessing.api import LogsDest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
@@ -509,6 +512,42 @@ def _launch_error_hint(error: Exception, settings: LaunchSettings) -> str:
     return ""
 
 
+# Once a worker has failed there is nothing left to save: the others get this much time between
+# SIGTERM and SIGKILL. A signal to the launcher keeps the full --shutdown-timeout.
+_FAILURE_GRACE_SECONDS = 5
+
+
+class _ShortFailureGraceAgent(LocalElasticAgent):
+    """torch's agent, except that stopping the group after a worker failure waits at most
+    `_FAILURE_GRACE_SECONDS` (torch hardcodes 30 s there; a hung rank that only sets its
+    stop flag on SIGTERM would keep the job alive that long)."""
+
+    def _grace(self) -> int:
+        return min(int(self._shutdown_timeout), _FAILURE_GRACE_SECONDS)
+
+    def _start_workers(self, worker_group: Any) -> Any:
+        ids = super()._start_workers(worker_group)
+        context = getattr(self, "_pcontext", None)
+        if context is not None:  # PContext._poll closes with torch's 30 s on a failure
+            close, grace = context.close, self._grace()
+            context.close = lambda death_sig=None, timeout=grace: close(death_sig, timeout)
+        return ids
+
+    def _stop_workers(self, worker_group: Any) -> None:  # before a restart or a final failure
+        self._shutdown(timeout=self._grace())
+
+
+@contextlib.contextmanager
+def _short_failure_grace() -> Iterator[None]:
+    # elastic_launch builds its agent from this module-level name; swap it for the launch only
+    original = _launcher_api.LocalElasticAgent
+    _launcher_api.LocalElasticAgent = _ShortFailureGraceAgent
+    try:
+        yield
+    finally:
+        _launcher_api.LocalElasticAgent = original
+
+
 def launch(settings: LaunchSettings) -> int:
     """Run the workers described by `settings` on this node and wait for them.
 
@@ -526,7 +565,8 @@ def launch(settings: LaunchSettings) -> int:
     _export_worker_env(settings)
     entrypoint, args = worker_command(settings)
     try:
-        elastic_launch(build_launch_config(settings, specs), entrypoint)(*args)
+        with _short_failure_grace():
+            elastic_launch(build_launch_config(settings, specs), entrypoint)(*args)
         return 0
     except ChildFailedError as error:
         _set_stop_signals(signal.SIG_IGN)  # a second signal must not cut the report short

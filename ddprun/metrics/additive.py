@@ -29,14 +29,20 @@ class AdditiveMetric(Metric):
     Args:
         compute_on_call: whether calling the metric returns `compute()`.
         metric_key: the key of `compute_key_value()`'s output (required there).
+        with_std: keep the square sum for the std; without it the std is NaN and each update is
+            one op less (the runner's per-key batch averages only read the mean).
     """
 
-    def __init__(self, compute_on_call: bool = True, metric_key: str | None = None) -> None:
+    def __init__(
+        self, compute_on_call: bool = True, metric_key: str | None = None, with_std: bool = True
+    ) -> None:
         super().__init__(compute_on_call=compute_on_call)
         self.metric_key = metric_key
+        self.with_std = with_std
         zero = torch.zeros((), dtype=torch.float64)
         self.add_state("weighted_sum", zero, "sum")
-        self.add_state("weighted_square_sum", zero, "sum")
+        if with_std:
+            self.add_state("weighted_square_sum", zero, "sum")
         self.add_state("num_samples", zero, "sum")
 
     @override
@@ -55,15 +61,20 @@ class AdditiveMetric(Metric):
             if value.dim():
                 value = value.reshape(())
             self.weighted_sum.add_(value, alpha=num_samples)
-            self.weighted_square_sum.addcmul_(value, value, value=num_samples)
+            if self.with_std:
+                self.weighted_square_sum.addcmul_(value, value, value=num_samples)
         else:
             # Plain numbers stay on the host side of the arithmetic: no tensor is created.
             self.weighted_sum.add_(value * num_samples)
-            self.weighted_square_sum.add_(value * value * num_samples)
+            if self.with_std:
+                self.weighted_square_sum.add_(value * value * num_samples)
 
     @override
     def compute(self) -> tuple[float, float]:
         """The (mean, std) over all samples seen; (NaN, NaN) before any update."""
+        if not self.with_std:
+            total, value_sum = torch.stack([self.num_samples, self.weighted_sum]).tolist()
+            return (value_sum / total if total > 0 else math.nan), math.nan
         total, value_sum, square_sum = torch.stack(
             [self.num_samples, self.weighted_sum, self.weighted_square_sum]
         ).tolist()

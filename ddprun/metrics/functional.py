@@ -86,6 +86,10 @@ def topk_correct(outputs: Tensor, targets: Tensor, topk: Sequence[int] = (1,)) -
     num_candidates = _num_scores(outputs)
     _check_topk(topk, num_candidates)
     labels = to_labels(targets)
+    if max(topk) == 1:
+        # Top-1 only (the default): arg-max, no topk sort, cumsum or stack.
+        correct = to_labels(outputs).eq(labels).sum()
+        return correct.reshape(1) if len(topk) == 1 else correct.repeat(len(topk))
     if num_candidates == 1:
         hits = to_labels(outputs).eq(labels).unsqueeze(1)
     else:

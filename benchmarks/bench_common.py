@@ -1,0 +1,424 @@
+"""Shared pieces of the benchmarks: the workload, the data, the models, and the two training
+loops being compared -- a hand-written PyTorch loop and the same work through ddprun's Runner.
+
+Both loops do the same work per run:
+
+- train: forward, cross-entropy, backward, Adam step, zero_grad(set_to_none=True), top-1
+  accuracy of every batch (kept as a tensor, no host read) and running loss/accuracy sums;
+- a progress bar per loader (tqdm; ddprun: TqdmCallback) with the batch metrics refreshed at
+  most every 0.5 s;
+- validation without gradients, with loss and accuracy over the loader;
+- per epoch: one CSV row per loader and a checkpoint (last, and best by validation loss).
+
+Per-step time is measured at the same points in both: from just before the first batch is
+fetched from the train loader (ddprun: the last ``on_loader_start`` callback) to the end of
+the last train batch (ddprun: the last ``on_batch_end`` callback), divided by the number of
+train steps; the median of the individual step intervals is kept as well, and the process CPU
+time (all threads) per train step over the same span, which a busy neighbour on a shared machine
+disturbs much less than wall time. Whole-run wall time is the whole training call, from building
+the loaders to the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The issue's workload; `quick()` shrinks it for smoke runs."""
+
+    epochs: int = 3
+    train_samples: int = 16384
+    valid_samples: int = 4096
+    features: int = 256
+    classes: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+
+    @property
+    def train_steps_per_epoch(self) -> int:
+        return -(-self.train_samples // self.batch_size)
+
+    def quick(self) -> Workload:
+        return replace(self, epochs=1, train_samples=4096, valid_samples=1024)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+MODELS = ("tiny", "mlp")
+
+
+def make_model(name: str, features: int = 256, classes: int = 10) -> nn.Module:
+    """ "tiny": Linear(256, 10); "mlp": 256-512-512-10 with ReLU."""
+    if name == "tiny":
+        return nn.Linear(features, classes)
+    if name == "mlp":
+        return nn.Sequential(
+            nn.Linear(features, 512),
+            nn.ReLU(),
+            nn.Linear(512, 512),
+            nn.ReLU(),
+            nn.Linear(512, classes),
+        )
+    raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
+
+
+def make_data(work: Workload) -> tuple[TensorDataset, TensorDataset]:
+    """A learnable synthetic problem: labels are the arg-max of a fixed random projection."""
+    gen = torch.Generator().manual_seed(work.seed)
+    total = work.train_samples + work.valid_samples
+    x = torch.randn(total, work.features, generator=gen)
+    w = torch.randn(work.features, work.classes, generator=gen)
+    y = (x @ w).argmax(dim=1)
+    n = work.train_samples
+    return TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:])
+
+
+def make_loaders(
+    work: Workload, data: tuple[TensorDataset, TensorDataset], sampler_factory: Any = None
+) -> dict[str, DataLoader]:
+    """Train (shuffled, seeded generator) and valid loaders; `sampler_factory(dataset, train)`
+    gives samplers for the hand-written DDP loop."""
+    train, valid = data
+    if sampler_factory is None:
+        gen = torch.Generator().manual_seed(work.seed)
+        return {
+            "train": DataLoader(train, batch_size=work.batch_size, shuffle=True, generator=gen),
+            "valid": DataLoader(valid, batch_size=work.batch_size),
+        }
+    return {
+        "train": DataLoader(
+            train, batch_size=work.batch_size, sampler=sampler_factory(train, True)
+        ),
+        "valid": DataLoader(
+            valid, batch_size=work.batch_size, sampler=sampler_factory(valid, False)
+        ),
+    }
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Send stdout and stderr (progress bars, console lines) to /dev/null for a timed run."""
+    with open(os.devnull, "w") as sink:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+
+
+@dataclass
+class RunResult:
+    """One training run: train time per step, whole-run wall time, the last epoch's metrics."""
+
+    step_s: float  # train-loader time / train steps
+    step_median_s: float  # median of the individual step intervals (robust to preemption)
+    cpu_step_s: float  # process CPU time (all threads) per train step: robust to a busy machine
+    wall_s: float
+    steps: int
+    first_step_time: float  # time.time() at the first train step
+    valid_loss: float
+    valid_accuracy: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ plain PyTorch
+def plain_train(
+    work: Workload,
+    model_name: str,
+    logdir: str | Path,
+    ddp: bool = False,
+    device: str = "cpu",
+) -> RunResult:
+    """The hand-written loop (single process, or DDP in a launched process group)."""
+    from tqdm.auto import tqdm
+
+    wall_start = time.perf_counter()
+    logdir = Path(logdir)
+    (logdir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (logdir / "logs").mkdir(parents=True, exist_ok=True)
+    dist = None
+    rank = 0
+    if ddp:
+        import torch.distributed as dist
+        from torch.utils.data.distributed import DistributedSampler
+
+        rank = dist.get_rank()
+
+        def sampler(dataset: Any, train: bool) -> DistributedSampler:
+            return DistributedSampler(dataset, shuffle=train, seed=work.seed)
+
+        loaders = make_loaders(work, make_data(work), sampler)
+    else:
+        loaders = make_loaders(work, make_data(work))
+    torch.manual_seed(work.seed)
+    model = make_model(model_name, work.features, work.classes).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=work.lr)
+    net: nn.Module = model
+    if ddp:
+        net = nn.parallel.DistributedDataParallel(model)
+    criterion = nn.CrossEntropyLoss()
+    best = float("inf")
+    train_time, train_steps, train_cpu = 0.0, 0, 0.0
+    intervals: list[float] = []
+    first_step: float | None = None
+    metrics: dict[str, float] = {}
+    for epoch in range(1, work.epochs + 1):
+        for key, loader in loaders.items():
+            training = key.startswith("train")
+            net.train(training)
+            if ddp:
+                loader.sampler.set_epoch(epoch)
+            # float64 sums on the device: loss*samples, correct, samples (no host sync per batch)
+            sums = torch.zeros(3, dtype=torch.float64, device=device)
+            bar = tqdm(
+                total=len(loader),
+                desc=f"{epoch}/{work.epochs} * Epoch ({key})",
+                leave=True,
+                dynamic_ncols=True,
+                disable=rank != 0,
+            )
+            last_refresh = 0.0
+            ends: list[float] = []
+            with torch.set_grad_enabled(training):
+                cpu_start = time.process_time()
+                start = time.perf_counter()
+                for x, y in loader:
+                    if first_step is None and training:
+                        first_step = time.time()
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    logits = net(x)
+                    loss = criterion(logits, y)
+                    if training:
+                        loss.backward()
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        correct = logits.argmax(dim=1).eq(y).sum()
+                        accuracy = correct / y.shape[0]  # accuracy of every batch, on device
+                        sums[0] += loss.detach() * y.shape[0]
+                        sums[1] += correct
+                        sums[2] += y.shape[0]
+                    bar.update(1)
+                    now = time.monotonic()
+                    if now - last_refresh >= 0.5 and rank == 0:
+                        last_refresh = now
+                        postfix = {"loss": f"{float(loss):.4g}", "acc": f"{float(accuracy):.4g}"}
+                        bar.set_postfix(postfix, refresh=True)
+                    ends.append(time.perf_counter())
+                cpu_end = time.process_time()
+            bar.close()
+            if training:
+                train_cpu += cpu_end - cpu_start
+                train_time += ends[-1] - start
+                train_steps += len(ends)
+                intervals += _intervals(start, ends)
+            if ddp:
+                dist.all_reduce(sums)
+            loss_mean, acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+            metrics = {"loss": loss_mean, "accuracy01": acc}
+            if rank == 0:
+                _append_csv(logdir / "logs" / f"{key}.csv", epoch, metrics)
+        if rank == 0:
+            state = {
+                "model_state_dict": model.state_dict(),
+                "optimizer_state_dict": optimizer.state_dict(),
+                "epoch": epoch,
+                "metrics": metrics,
+            }
+            torch.save(state, logdir / "checkpoints" / "last.pth")
+            if metrics["loss"] < best:
+                best = metrics["loss"]
+                torch.save(state, logdir / "checkpoints" / "best.pth")
+    return RunResult(
+        step_s=train_time / max(train_steps, 1),
+        step_median_s=median(intervals),
+        cpu_step_s=train_cpu / max(train_steps, 1),
+        wall_s=time.perf_counter() - wall_start,
+        steps=train_steps,
+        first_step_time=first_step or 0.0,
+        valid_loss=metrics["loss"],
+        valid_accuracy=metrics["accuracy01"],
+    )
+
+
+def _append_csv(path: Path, step: int, row: dict[str, float]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=["step", *sorted(row)])
+        if new:
+            writer.writeheader()
+        writer.writerow({"step": step, **row})
+
+
+# ------------------------------------------------------------------------ ddprun
+def ddprun_train(
+    work: Workload,
+    model_name: str,
+    logdir: str | Path,
+    engine: Any = None,
+    ddp: bool = False,
+) -> RunResult:
+    """The same work through ``dl.Runner.train`` with the usual callbacks and a CSV logger."""
+    from ddprun import dl
+
+    wall_start = time.perf_counter()
+    probe = _probe_callback(dl)()
+    loaders = make_loaders(work, make_data(work))
+    torch.manual_seed(work.seed)
+    model = make_model(model_name, work.features, work.classes)
+    if ddp and engine is None:
+        engine = dl.DistributedDataParallelEngine()
+    runner = _runner_class(dl)()
+    runner.train(
+        model=model,
+        criterion=nn.CrossEntropyLoss(),
+        optimizer=torch.optim.Adam(model.parameters(), lr=work.lr),
+        loaders=loaders,
+        engine=engine if engine is not None else dl.DeviceEngine("cpu"),
+        callbacks={
+            "criterion": dl.CriterionCallback(
+                input_key="logits", target_key="targets", metric_key="loss"
+            ),
+            "optimizer": dl.OptimizerCallback(metric_key="loss"),
+            "accuracy": dl.AccuracyCallback(input_key="logits", target_key="targets"),
+            "checkpoint": dl.CheckpointCallback(
+                logdir=str(Path(logdir) / "checkpoints"),
+                loader_key="valid",
+                metric_key="loss",
+                minimize=True,
+            ),
+            "tqdm": dl.TqdmCallback(),
+            "_probe": probe,
+        },
+        loggers={"csv": dl.CSVLogger(logdir=str(logdir))},
+        seed=work.seed,
+        num_epochs=work.epochs,
+    )
+    wall = time.perf_counter() - wall_start
+    valid = runner.epoch_metrics.get("valid", {})
+    return RunResult(
+        step_s=probe.train_time / max(probe.train_steps, 1),
+        step_median_s=median(probe.intervals),
+        cpu_step_s=probe.train_cpu / max(probe.train_steps, 1),
+        wall_s=wall,
+        steps=probe.train_steps,
+        first_step_time=probe.first_step or 0.0,
+        valid_loss=float(valid.get("loss", float("nan"))),
+        valid_accuracy=float(valid.get("accuracy01", float("nan"))),
+    )
+
+
+_CLASSES: dict[str, Any] = {}
+
+
+def _runner_class(dl: Any) -> type:
+    if "runner" not in _CLASSES:
+
+        class BenchRunner(dl.Runner):
+            def handle_batch(self, batch: Any) -> None:
+                x, y = batch
+                self.batch = {"features": x, "targets": y, "logits": self.model(x)}
+
+        _CLASSES["runner"] = BenchRunner
+    return _CLASSES["runner"]
+
+
+def _probe_callback(dl: Any) -> type:
+    """A callback that runs last at loader start and last at batch end: train time per step
+    measured at the points the hand-written loop measures."""
+    if "probe" not in _CLASSES:
+
+        class StepProbe(dl.Callback):
+            def __init__(self) -> None:
+                super().__init__(order=10_000)
+                self.train_time = self.train_cpu = 0.0
+                self.train_steps = 0
+                self.intervals: list[float] = []
+                self.first_step: float | None = None
+                self._start = 0.0
+                self._ends: list[float] = []
+
+            def on_loader_start(self, runner: Any) -> None:
+                self._ends = []
+                self._cpu_start = time.process_time()
+                self._start = time.perf_counter()
+
+            def on_batch_start(self, runner: Any) -> None:
+                if self.first_step is None and runner.is_train_loader:
+                    self.first_step = time.time()
+
+            def on_batch_end(self, runner: Any) -> None:
+                self._ends.append(time.perf_counter())
+                if runner.loader_batch_step == runner.loader_batch_len:
+                    self._cpu_end = time.process_time()
+
+            def on_loader_end(self, runner: Any) -> None:
+                if runner.is_train_loader and self._ends:
+                    self.train_cpu += self._cpu_end - self._cpu_start
+                    self.train_time += self._ends[-1] - self._start
+                    self.train_steps += len(self._ends)
+                    self.intervals += _intervals(self._start, self._ends)
+
+        _CLASSES["probe"] = StepProbe
+    return _CLASSES["probe"]
+
+
+# ------------------------------------------------------------------------ helpers
+def _intervals(start: float, ends: Sequence[float]) -> list[float]:
+    """Each step's duration: from the previous step's end (the loader start for the first)."""
+    return [b - a for a, b in zip([start, *ends[:-1]], ends)]
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def temp_logdir(prefix: str) -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix=f"ddprun-bench-{prefix}-")
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print one machine-readable result line (run_all.py collects these)."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def parse_results(text: str) -> list[dict[str, Any]]:
+    return [
+        json.loads(line[len(RESULT_PREFIX) :])
+        for line in text.splitlines()
+        if line.startswith(RESULT_PREFIX)
+    ]
+
+
+def fmt_time(seconds: float) -> str:
+    if seconds != seconds:  # NaN
+        return "n/a"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
