@@ -13,26 +13,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
 
-from tests.launcher.helpers import clean_env, worker_processes
+from tests.launcher.helpers import clean_env, wait_until, worker_processes  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "multinode" / "scripts" / "train_linear.py"
 RUN_NODE = ROOT / "launcher" / "multinode" / "run_node.sh"
 DDPRUN = [sys.executable, "-m", "ddprun"]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 class Node:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import psutil
 
+from tests.launcher.helpers import wait_until
+
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
 INSTALL_SCRIPT = Path(__file__).resolve().parents[2] / "ci" / "install_slurm.sh"
 
@@ -246,15 +248,6 @@ def _spawn(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
                                 start_new_session=True)  # fmt: skip
 
 
-def _wait(predicate, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
 def start_cluster(folder: Path, nodes: int = 2) -> SlurmCluster:
     """Start munged, slurmctld and `nodes` slurmd in `folder`; wait until the nodes are idle.
 
@@ -285,11 +278,11 @@ def start_cluster(folder: Path, nodes: int = 2) -> SlurmCluster:
             f"--seed-file={folder / 'munge' / 'munged.seed'}",
         ]  # fmt: skip
         cluster.processes.append(_spawn(munged, folder / "log" / "munged.log", env))
-        if not _wait(socket_path.exists, 10):
+        if not wait_until(socket_path.exists, 10):
             raise RuntimeError("munged did not create its socket")
         ctld = ["slurmctld", "-D", "-i", "-f", str(conf)]
         cluster.processes.append(_spawn(ctld, folder / "log" / "slurmctld.out.log", env))
-        if not _wait(lambda: cluster.run("scontrol", "ping", timeout=10).returncode == 0, 20):
+        if not wait_until(lambda: cluster.run("scontrol", "ping", timeout=10).returncode == 0, 20):
             raise RuntimeError("slurmctld does not answer")
         for name in names:
             slurmd = ["slurmd", "-D", "-f", str(conf), "-N", name]
@@ -299,7 +292,7 @@ def start_cluster(folder: Path, nodes: int = 2) -> SlurmCluster:
             states = cluster.run("sinfo", "-h", "-N", "-o", "%N %T", timeout=10).stdout.split()
             return states.count("idle") == nodes
 
-        if not _wait(all_idle, 30, 0.5):
+        if not wait_until(all_idle, 30, 0.5):
             raise RuntimeError("the slurmd nodes did not become idle")
     except Exception as exc:
         logs = cluster.logs()

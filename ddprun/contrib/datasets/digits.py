@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
+
+from ddprun.contrib.datasets._images import InMemoryImages
 
 __all__ = ["Digits"]
 
@@ -55,7 +56,7 @@ def stratified_split(
     return train, valid
 
 
-class Digits(Dataset):
+class Digits(InMemoryImages):
     """scikit-learn's 8x8 digits with a deterministic stratified train/valid split.
 
     Items are ``(image, label)``: ``image`` is a uint8 8x8 numpy array scaled to 0..255 (so
@@ -88,15 +89,3 @@ class Digits(Dataset):
         self.targets = labels[chosen]
         self.transform = transform
         self.target_transform = target_transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        image: Any = self.images[index].copy()
-        label: Any = int(self.targets[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        if self.target_transform is not None:
-            label = self.target_transform(label)
-        return image, label

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from ddprun.atomic import atomic_write_bytes
+from ddprun.contrib.datasets._images import InMemoryImages
 
 __all__ = ["MNIST", "DatasetNotFoundError", "IDXFormatError", "read_idx"]
 
@@ -135,7 +135,7 @@ def _download_one(raw: Path, name: str) -> str | None:
     return "; ".join(failures)
 
 
-class MNIST(Dataset):
+class MNIST(InMemoryImages):
     """The MNIST handwritten digits, read from IDX files into memory once.
 
     Items are ``(image, label)``: ``image`` is a uint8 HxW (28x28) numpy array passed through
@@ -224,16 +224,3 @@ class MNIST(Dataset):
             f"To install by hand, copy the files from any MNIST mirror ({', '.join(MIRRORS)}) "
             f"into {self.raw_folder} (keep the .gz or extract it), then run again."
         )
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        # A copy, so a transform that writes into the image cannot change the dataset.
-        image: Any = self.images[index].copy()
-        label: Any = int(self.targets[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        if self.target_transform is not None:
-            label = self.target_transform(label)
-        return image, label
