@@ -85,7 +85,7 @@ class Callback:
         self.node = CallbackNode(node)
 
     def on_experiment_start(self, runner: IRunner) -> None:
-        """Called once, before the first stage."""
+        """Called once, on the first stage's callbacks, right after they are built."""
 
     def on_stage_start(self, runner: IRunner) -> None:
         """Called after the stage's components are built and prepared by the engine."""
@@ -112,7 +112,7 @@ class Callback:
         """Called after the last epoch of the stage."""
 
     def on_experiment_end(self, runner: IRunner) -> None:
-        """Called once, after the last stage (also on errors, before `on_exception`)."""
+        """Called once, after the last stage (not on errors: those get `on_exception`)."""
 
     def on_exception(self, runner: IRunner) -> None:
         """Called when the run raised; `runner.exception` holds the error."""

@@ -230,6 +230,8 @@ class IRunner:
             self._run_stage(stage, first=index == 0)
         self._fire_callbacks(Event.EXPERIMENT_END)
         self._close_loggers()
+        # only after success: tearing a group down while a peer has failed can hang, so a
+        # failing worker leaves that to its process exit
         self.engine.teardown()
 
     def _run_stage(self, stage: str, first: bool) -> None:
