@@ -87,7 +87,11 @@ def _ratio_cell(r: dict[str, Any]) -> str:
 
 def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
     rows: list[tuple[str, ...]] = []
-    add = rows.append
+
+    def add(row: tuple[str, ...]) -> None:
+        # informational rows leave the target and met cells empty
+        rows.append(tuple(row) + ("",) * (6 - len(row)))
+
     for r in results:
         section = r.get("section")
         if "skipped" in r:
@@ -110,8 +114,6 @@ def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
                     _ms(r["plain_cpu_step_s"]),
                     _ms(r["ddprun_cpu_step_s"]),
                     f"x{r['cpu_ratio']:.3f}",
-                    "",
-                    "",
                 )
             )
             add(
@@ -120,8 +122,6 @@ def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
                     _ms(r["plain_mean_step_s"]),
                     _ms(r["ddprun_mean_step_s"]),
                     f"x{r['mean_ratio']:.3f}",
-                    "",
-                    "",
                 )
             )
             add(
@@ -130,8 +130,6 @@ def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
                     f"{r['plain_wall_s']:.2f} s",
                     f"{r['ddprun_wall_s']:.2f} s",
                     f"x{r['wall_ratio']:.3f}",
-                    "",
-                    "",
                 )
             )
         elif section == "ddp":
@@ -153,8 +151,6 @@ def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
                     _ms(r["torchrun_cpu_step_s"]),
                     _ms(r["ddprun_cpu_step_s"]),
                     f"x{r['cpu_ratio']:.3f}",
-                    "",
-                    "",
                 )
             )
             if "ddprun_nostop_step_s" in r:
@@ -166,8 +162,6 @@ def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
                         f"{_ms(r['ddprun_nostop_step_s'])}; {_ms(r['ddprun_nostop_cpu_step_s'])}",
                         f"x{r['ddprun_nostop_step_s'] / r['torchrun_step_s']:.3f}; "
                         f"x{r['ddprun_nostop_cpu_step_s'] / r['torchrun_cpu_step_s']:.3f}",
-                        "",
-                        "",
                     )
                 )
             add(
@@ -177,8 +171,6 @@ def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
                     f"{r['ddprun_wall_s']:.2f} s",
                     f"x{r['wall_ratio']:.3f} (ddprun+plain script: "
                     f"{r['ddprun_plain_wall_s']:.2f} s)",
-                    "",
-                    "",
                 )
             )
         elif section == "startup":
@@ -199,8 +191,6 @@ def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
                     f"{r['torchrun_plain_s']:.2f} s",
                     f"{r['ddprun_plain_s']:.2f} s",
                     f"{r['launcher_delta_s']:+.2f} s",
-                    "",
-                    "",
                 )
             )
         elif section == "import":
@@ -263,8 +253,6 @@ def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
                     f"{r['plain_samples_per_s']:.0f}",
                     f"{r['ddprun_samples_per_s']:.0f}",
                     f"x{r['ratio']:.3f} time; {syncs}",
-                    "",
-                    "",
                 )
             )
         elif section == "frameworks":
@@ -274,8 +262,6 @@ def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
                     _ms(r["plain_step_s"]),
                     _ms(r["framework_step_s"]),
                     f"x{r['ratio']:.3f} (vs plain; ddprun x{r['ddprun_ratio']:.3f})",
-                    "",
-                    "",
                 )
             )
     for error in errors:

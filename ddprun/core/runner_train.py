@@ -245,11 +245,10 @@ def _default_loggers(loggers: Mapping[str, Any] | None, logdir: Any, lgs: Any) -
     result = dict(loggers) if loggers is not None else {"_console": lgs.ConsoleLogger()}
     if logdir is None:
         return result
-    kinds = [type(lg) for lg in result.values()]
-    if loggers is None or not any(issubclass(k, lgs.CSVLogger) for k in kinds):
-        result.setdefault("_csv", lgs.CSVLogger(logdir=logdir))
-    if loggers is None or not any(issubclass(k, lgs.TensorboardLogger) for k in kinds):
-        result.setdefault("_tensorboard", lgs.TensorboardLogger(logdir=logdir))
+    # add a CSV and a TensorBoard logger unless the user gave one of that kind
+    for key, kind in (("_csv", lgs.CSVLogger), ("_tensorboard", lgs.TensorboardLogger)):
+        if not any(isinstance(lg, kind) for lg in result.values()):
+            result[key] = kind(logdir=logdir)
     return result
 
 
