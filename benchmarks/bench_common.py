@@ -29,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -148,8 +148,12 @@ def plain_train(
     logdir: str | Path,
     ddp: bool = False,
     device: str = "cpu",
+    pause: Callable[[], None] | None = None,
 ) -> RunResult:
-    """The hand-written loop (single process, or DDP in a launched process group)."""
+    """The hand-written loop (single process, or DDP in a launched process group).
+
+    `pause`, when given, is called after every train step (lockstep runs: it may hand the CPU
+    to the other side); the time spent in it is left out of the step times."""
     from tqdm.auto import tqdm
 
     wall_start = time.perf_counter()
@@ -199,6 +203,7 @@ def plain_train(
             )
             last_refresh = 0.0
             ends: list[float] = []
+            paused = 0.0
             with torch.set_grad_enabled(training):
                 cpu_start = time.process_time()
                 start = time.perf_counter()
@@ -224,7 +229,11 @@ def plain_train(
                         last_refresh = now
                         postfix = {"loss": f"{float(loss):.4g}", "acc": f"{float(accuracy):.4g}"}
                         bar.set_postfix(postfix, refresh=True)
-                    ends.append(time.perf_counter())
+                    ends.append(time.perf_counter() - paused)
+                    if pause is not None and training:
+                        before = time.perf_counter()
+                        pause()
+                        paused += time.perf_counter() - before
                 cpu_end = time.process_time()
             bar.close()
             if training:
@@ -277,12 +286,14 @@ def ddprun_train(
     logdir: str | Path,
     engine: Any = None,
     ddp: bool = False,
+    pause: Callable[[], None] | None = None,
 ) -> RunResult:
-    """The same work through ``dl.Runner.train`` with the usual callbacks and a CSV logger."""
+    """The same work through ``dl.Runner.train`` with the usual callbacks and a CSV logger;
+    `pause` as in `plain_train`."""
     from ddprun import dl
 
     wall_start = time.perf_counter()
-    probe = _probe_callback(dl)()
+    probe = _probe_callback(dl)(pause)
     loaders = make_loaders(work, make_data(work))
     torch.manual_seed(work.seed)
     model = make_model(model_name, work.features, work.classes)
@@ -349,8 +360,10 @@ def _probe_callback(dl: Any) -> type:
     if "probe" not in _CLASSES:
 
         class StepProbe(dl.Callback):
-            def __init__(self) -> None:
+            def __init__(self, pause: Callable[[], None] | None = None) -> None:
                 super().__init__(order=10_000)
+                self._pause = pause
+                self._paused = 0.0
                 self.train_time = self.train_cpu = 0.0
                 self.train_steps = 0
                 self.intervals: list[float] = []
@@ -360,6 +373,7 @@ def _probe_callback(dl: Any) -> type:
 
             def on_loader_start(self, runner: Any) -> None:
                 self._ends = []
+                self._paused = 0.0
                 self._cpu_start = time.process_time()
                 self._start = time.perf_counter()
 
@@ -368,9 +382,13 @@ def _probe_callback(dl: Any) -> type:
                     self.first_step = time.time()
 
             def on_batch_end(self, runner: Any) -> None:
-                self._ends.append(time.perf_counter())
+                self._ends.append(time.perf_counter() - self._paused)
                 if runner.loader_batch_step == runner.loader_batch_len:
                     self._cpu_end = time.process_time()
+                if self._pause is not None and runner.is_train_loader:
+                    before = time.perf_counter()
+                    self._pause()
+                    self._paused += time.perf_counter() - before
 
             def on_loader_end(self, runner: Any) -> None:
                 if runner.is_train_loader and self._ends:

@@ -9,10 +9,18 @@ Runs, alternately and in rotating order, for each model:
   prices that extra all-reduce; `--no-ablate-stop` leaves it out).
 
 and reports the train time per step (rank 0), the whole-process wall time (just before Popen to
-exit) and the start-up time (just before Popen to the script's first training step, which the
-script stamps with time.time()).
+exit), the launcher's own CPU time (the agent process alone, not its workers) and the start-up
+time (just before Popen to the script's first training step, which the script stamps with
+time.time()).
 
-    python benchmarks/bench_ddp.py [--quick] [--reps N] [--models tiny,mlp]
+Then, per model, `--lockstep-runs` launches of ``ddprun --nproc 2`` with the worker script in
+``lockstep`` mode: the hand-written loop and the Runner in one process group, taking turns every
+8 train steps. On a shared 2-core machine the step time of a 2-rank gloo job drifts by +-30% from
+one second to the next, so two separate launches differ by that much whatever they run; taking
+turns every few milliseconds puts both sides under the same conditions, and their ratio is the
+framework's per-step cost with a spread of a few percent.
+
+    python benchmarks/bench_ddp.py [--quick] [--reps N] [--lockstep-runs N] [--models tiny,mlp]
 """
 
 from __future__ import annotations
@@ -25,9 +33,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import bench_common as bc
+import psutil
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "ddp_script.py"
@@ -91,7 +101,33 @@ def ddprun_runnable(timeout: float = 90.0) -> tuple[bool, str]:
     return True, ""
 
 
-def run_once(launcher: str, mode: str, model: str, quick: bool, timeout: float) -> dict:
+def _wait_measuring_cpu(proc: subprocess.Popen, timeout: float) -> tuple[int, float]:
+    """Wait for `proc`; return its exit code and the CPU time of the launcher process itself
+    (sampled every 0.1 s until it exits; its workers are separate processes, not counted)."""
+    deadline = time.monotonic() + timeout
+    cpu = 0.0
+    try:
+        agent = psutil.Process(proc.pid)
+    except psutil.Error:
+        agent = None
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            return -9, cpu
+        if agent is not None:
+            try:
+                times = agent.cpu_times()
+                cpu = times.user + times.system
+            except psutil.Error:
+                agent = None
+        time.sleep(0.1)
+    return proc.returncode, cpu
+
+
+def run_once(
+    launcher: str, mode: str, model: str, quick: bool, timeout: float, extra: Sequence[str] = ()
+) -> dict:
     with tempfile.TemporaryDirectory(prefix="ddprun-bench-ddp-") as folder:
         result_file = Path(folder, "result.json")
         cmd = [
@@ -106,6 +142,7 @@ def run_once(launcher: str, mode: str, model: str, quick: bool, timeout: float) 
             "--logdir",
             str(Path(folder, "run")),
             *(["--quick"] if quick else []),
+            *extra,
         ]
         env = _env()
         with open(Path(folder, "output.log"), "w") as output:
@@ -113,12 +150,7 @@ def run_once(launcher: str, mode: str, model: str, quick: bool, timeout: float) 
             proc = subprocess.Popen(
                 cmd, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=folder
             )
-            try:
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                code = -9
+            code, launcher_cpu = _wait_measuring_cpu(proc, timeout)
             end = time.time()
         if not result_file.exists():
             tail = Path(folder, "output.log").read_text(errors="replace")[-2000:]
@@ -131,6 +163,9 @@ def run_once(launcher: str, mode: str, model: str, quick: bool, timeout: float) 
             bc.log(f"  note: {launcher}+{mode} exited {code} after training: {tail[-1:]} ")
     result["exit_code"] = code
     result["process_wall_s"] = end - start
+    result["launcher_cpu_s"] = launcher_cpu
+    if mode == "lockstep":
+        return result
     result["startup_s"] = result["first_step_time"] - start
     result["to_script_start_s"] = result["script_start"] - start
     return result
@@ -149,7 +184,15 @@ def main(argv: list[str] | None = None) -> None:
         help="also run ddprun without its per-batch stop agreement, to price that collective "
         "(default: on, off with --quick)",
     )
+    parser.add_argument(
+        "--lockstep-runs",
+        type=int,
+        default=None,
+        help="launches of the lockstep comparison per model (default 5, quick 2; 0: none)",
+    )
     args = parser.parse_args(argv)
+    if args.lockstep_runs is None:
+        args.lockstep_runs = 2 if args.quick else 5
     if args.ablate_stop is None:
         args.ablate_stop = not args.quick
     combos = COMBOS + ((("ddprun", "ddprun-nostop"),) if args.ablate_stop else ())
@@ -205,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
                 "wall_ratio": bc.median(
                     [o["process_wall_s"] / r["process_wall_s"] for o, r in zip(ours, ref)]
                 ),
+                "torchrun_launcher_cpu_s": bc.median([r["launcher_cpu_s"] for r in ref]),
+                "ddprun_launcher_cpu_s": bc.median([r["launcher_cpu_s"] for r in ours]),
                 "target": {"tiny": 1.10, "mlp": 1.03}[model],
                 "failed_exits": {
                     f"{c[0]}+{c[1]}": sum(r["exit_code"] != 0 for r in runs[c]) for c in combos
@@ -224,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
                 "quick": args.quick,
             }
         )
+        if args.lockstep_runs:
+            lockstep(model, args.lockstep_runs, args.quick, args.timeout)
     ref, ours, ctl = (bc.median(startups[c]) for c in COMBOS)
     bc.emit(
         {
@@ -237,6 +284,43 @@ def main(argv: list[str] | None = None) -> None:
             "torchrun_script_start_s": bc.median(script_starts[COMBOS[0]]),
             "ddprun_script_start_s": bc.median(script_starts[COMBOS[1]]),
             "target_delta_s": 0.5,
+        }
+    )
+
+
+def lockstep(model: str, runs: int, quick: bool, timeout: float) -> None:
+    """`runs` launches of ``ddprun --nproc 2`` + the lockstep worker; emits the per-step ratio."""
+    records = []
+    for run in range(runs):
+        result = run_once("ddprun", "lockstep", model, quick, timeout)
+        plain, ours = result["plain"], result["ddprun"]
+        records.append(result)
+        bc.log(
+            f"  ddp-lockstep/{model} run {run + 1}/{runs}: median step plain "
+            f"{bc.fmt_time(plain['step_median_s'])}, ddprun {bc.fmt_time(ours['step_median_s'])}"
+            f" (x{ours['step_median_s'] / plain['step_median_s']:.3f})"
+        )
+    ratios = [r["ddprun"]["step_median_s"] / r["plain"]["step_median_s"] for r in records]
+    mean_ratios = [r["ddprun"]["step_s"] / r["plain"]["step_s"] for r in records]
+    bc.emit(
+        {
+            "section": "ddp_lockstep",
+            "model": model,
+            "runs": runs,
+            "every": records[0]["every"],
+            "steps": records[0]["ddprun"]["steps"],
+            "plain_step_s": bc.median([r["plain"]["step_median_s"] for r in records]),
+            "ddprun_step_s": bc.median([r["ddprun"]["step_median_s"] for r in records]),
+            "ratio": bc.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "mean_ratio": bc.median(mean_ratios),
+            # both sides train the same model on the same data in the same group: same result
+            "same_valid_loss": all(
+                abs(r["plain"]["valid_loss"] - r["ddprun"]["valid_loss"]) < 1e-4 for r in records
+            ),
+            "target": {"tiny": 1.10, "mlp": 1.03}[model],
+            "quick": quick,
         }
     )
 

@@ -4,8 +4,10 @@
 ``--mode plain``: the hand-written DDP loop (init_process_group("gloo"), DistributedSampler,
 DistributedDataParallel, one all-reduce of the loader sums). ``--mode ddprun``: the same work
 through ``dl.Runner.train`` with ``DistributedDataParallelEngine``; ``--mode ddprun-nostop`` is
-the same without the engine's per-batch stop agreement (to measure what it costs). Rank 0 writes its timings
-(train time per step, the time.time() of its first training step, ...) as JSON to ``--result``.
+the same without the engine's per-batch stop agreement (to measure what it costs).
+``--mode lockstep``: both, in one process group, taking turns every ``--every`` train steps (see
+`lockstep`). Rank 0 writes its timings (train time per step, the time.time() of its first
+training step, ...) as JSON to ``--result``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import bench_common as bc  # noqa: E402
 import torch  # noqa: E402
@@ -25,7 +28,10 @@ import torch  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=("plain", "ddprun", "ddprun-nostop"), required=True)
+    parser.add_argument(
+        "--mode", choices=("plain", "ddprun", "ddprun-nostop", "lockstep"), required=True
+    )
+    parser.add_argument("--every", type=int, default=8, help="lockstep: steps per turn")
     parser.add_argument("--model", choices=bc.MODELS, default="tiny")
     parser.add_argument("--result", required=True)
     parser.add_argument("--logdir", required=True)
@@ -36,7 +42,12 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     logdir = Path(args.logdir) / f"{args.mode}-{args.model}"
     with bc.quiet():
-        if args.mode == "plain":
+        if args.mode == "lockstep":
+            results = lockstep(work, args.model, logdir, args.every)
+            if rank == 0:
+                payload = {side: result.as_dict() for side, result in results.items()}
+                Path(args.result).write_text(json.dumps({**payload, "every": args.every}))
+        elif args.mode == "plain":
             import torch.distributed as dist
 
             dist.init_process_group("gloo")
@@ -53,6 +64,75 @@ def main() -> None:
                 engine.agree_to_stop = lambda signum, wait=False: signum
             result = bc.ddprun_train(work, args.model, logdir, engine=engine, ddp=True)
             _write(args.result, rank, result)
+
+
+def lockstep(work: bc.Workload, model: str, logdir: Path, every: int) -> dict[str, bc.RunResult]:
+    """The hand-written DDP loop and the ddprun Runner in one process group, in two threads that
+    take turns every `every` train steps (the same on every rank, so both ranks issue the same
+    collectives in the same order).
+
+    Two runs launched one after the other see different machine weather (on a shared 2-core box
+    the step time drifts by +-30% within a second); taking turns every few milliseconds puts both
+    sides under the same weather, so their ratio is the framework's cost alone. The time a side
+    spends waiting for its turn is left out of its step times (`pause` in bench_common).
+    """
+    import threading
+
+    import torch.distributed as dist
+
+    from ddprun import dl
+
+    dist.init_process_group("gloo")
+    turn = {"plain": threading.Semaphore(1), "ddprun": threading.Semaphore(0)}
+    finished: set[str] = set()
+    results: dict[str, bc.RunResult] = {}
+    errors: list[BaseException] = []
+
+    def pause_for(me: str, other: str) -> Any:
+        steps = 0
+
+        def pause() -> None:
+            nonlocal steps
+            steps += 1
+            if steps % every == 0 and other not in finished:
+                turn[other].release()
+                turn[me].acquire()
+
+        return pause
+
+    def plain_side() -> Any:
+        return bc.plain_train(
+            work, model, logdir / "plain", ddp=True, pause=pause_for("plain", "ddprun")
+        )
+
+    def ddprun_side() -> Any:
+        engine = dl.DistributedDataParallelEngine(backend="gloo")
+        engine.teardown = lambda: None  # the group is shared with the other side: left below
+        pause = pause_for("ddprun", "plain")
+        return bc.ddprun_train(work, model, logdir / "ddprun", engine=engine, ddp=True, pause=pause)
+
+    def side(me: str, other: str, train: Any) -> None:
+        turn[me].acquire()
+        try:
+            results[me] = train()
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+        finally:
+            finished.add(me)
+            turn[other].release()
+
+    threads = [
+        threading.Thread(target=side, args=("plain", "ddprun", plain_side)),
+        threading.Thread(target=side, args=("ddprun", "plain", ddprun_side)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    dist.destroy_process_group()
+    return results
 
 
 def _write(path: str, rank: int, result: bc.RunResult) -> None:

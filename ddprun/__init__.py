@@ -6,7 +6,7 @@ on first attribute access, so `import ddprun` (and the `ddprun` launcher) stay c
 
 from __future__ import annotations
 
-import importlib
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
@@ -16,7 +16,11 @@ _LAZY = {"dl", "metrics", "utils", "data", "contrib", "engines", "callbacks", "l
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        module = importlib.import_module(f"ddprun.{name}")
+        # __import__ rather than importlib.import_module: one frame fewer under torch's import,
+        # whose op registration walks the caller's stack (measured: `from ddprun import dl`
+        # took ~0.1 s longer than `import ddprun.dl` through importlib.import_module)
+        __import__(f"ddprun.{name}")
+        module = sys.modules[f"ddprun.{name}"]
         globals()[name] = module
         return module
     raise AttributeError(f"module 'ddprun' has no attribute {name!r}")

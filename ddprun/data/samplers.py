@@ -19,6 +19,7 @@ epoch (the runner announcing the resumed epoch) keeps it.
 from __future__ import annotations
 
 import math
+import operator
 import random
 from collections.abc import Iterator, Sized
 from contextlib import contextmanager
@@ -101,6 +102,20 @@ class _ResumablePosition:
         self._pending_skip = 0
         self._position = 0
 
+    @property
+    def _position(self) -> int:
+        """Indices handed out by the current iteration (skipped ones included)."""
+        if self._iterator is None:
+            return self._start
+        # read off the list iterator instead of counting in a generator: no Python frame per
+        # index in the hot loop
+        return self._total - operator.length_hint(self._iterator)
+
+    @_position.setter
+    def _position(self, value: int) -> None:
+        self._iterator: Iterator[Any] | None = None
+        self._start = value
+
     def _epoch_indices(self) -> list[Any]:
         """Returns this rank's full list of indices for ``self.epoch``."""
         raise NotImplementedError
@@ -113,10 +128,10 @@ class _ResumablePosition:
         indices = self._epoch_indices()
         # The skip applies to one iteration only: a second pass over the same epoch is complete.
         skip, self._pending_skip = self._pending_skip, 0
-        self._position = skip
-        for index in indices[skip:]:
-            self._position += 1
-            yield index
+        self._total = len(indices)
+        iterator = iter(indices[skip:])
+        self._iterator = iterator
+        return iterator
 
     def __len__(self) -> int:
         """Returns how many indices the next iteration yields (the full epoch minus any skip)."""
