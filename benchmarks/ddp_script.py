@@ -61,7 +61,7 @@ def main() -> None:
             if args.mode == "ddprun-nostop":
                 # Measurement only: the per-train-batch stop agreement (an all-reduce on the
                 # control group) replaced by the single-process answer, to price it.
-                engine.agree_to_stop = lambda signum, wait=False: signum
+                engine.agree_to_stop = lambda signum, every=1: (signum, every)
             result = bc.ddprun_train(work, args.model, logdir, engine=engine, ddp=True)
             _write(args.result, rank, result)
 

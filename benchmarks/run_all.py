@@ -256,6 +256,8 @@ def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
                     f"{r['torch_s']:.3f} s",
                     f"{r['fresh_s']:.3f} s",
                     f"{r['delta_s']:+.3f} s (median of paired differences)",
+                    f"<= +{r['target_delta_s']:.1f} s",
+                    _met(r["delta_s"] <= r["target_delta_s"]),
                 )
             )
         elif section == "sync" and r["kind"] == "direct":

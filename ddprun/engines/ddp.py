@@ -145,7 +145,7 @@ class DistributedDataParallelEngine(IEngine):
         self._configure_precision()
         # control messages (stop agreement) on their own CPU group: never a device sync
         self._control_group = dist.new_group(backend="gloo")
-        self._stop_buffers = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
+        self._stop_buffers = [torch.zeros(2, dtype=torch.int64) for _ in range(2)]
         self._stop_pending: Any = None
         self._stop_calls = 0
 
@@ -244,16 +244,18 @@ class DistributedDataParallelEngine(IEngine):
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
-    def agree_to_stop(self, signum: int | None) -> int | None:
-        """Pipelined MAX all-reduce of the stop flag on the CPU control group.
+    def agree_to_stop(self, signum: int | None, every: int = 1) -> tuple[int | None, int | None]:
+        """Pipelined MAX all-reduce of ``[stop signal, proposed batches to the next check]`` on
+        the CPU control group.
 
-        Returns the agreement started at the previous call and starts a new one, so no rank
-        blocks on it; every rank gets the same answer at the same call.
+        Returns the agreement started at the previous call (``(None, None)`` at the first) and
+        starts a new one, so no rank blocks on it; every rank gets the same answer at the same
+        call.
         """
-        agreed = self.drain_stop_agreement()
+        agreed = self._collect_stop_agreement()
         buffer = self._stop_buffers[self._stop_calls % 2]
         self._stop_calls += 1
-        buffer.fill_(signum or 0)
+        buffer[0], buffer[1] = signum or 0, every
         work = dist.all_reduce(
             buffer, op=dist.ReduceOp.MAX, group=self._control_group, async_op=True
         )
@@ -261,13 +263,17 @@ class DistributedDataParallelEngine(IEngine):
         return agreed
 
     def drain_stop_agreement(self) -> int | None:
-        """Wait for the agreement still in flight (if any) and return it."""
+        """Wait for the agreement still in flight (if any) and return its stop signal."""
+        return self._collect_stop_agreement()[0]
+
+    def _collect_stop_agreement(self) -> tuple[int | None, int | None]:
         if self._stop_pending is None:
-            return None
+            return None, None
         buffer, work = self._stop_pending
         self._stop_pending = None
         work.wait()
-        return int(buffer.item()) or None  # a CPU tensor: no device sync
+        signum, every = buffer.tolist()  # a CPU tensor: no device sync
+        return signum or None, every
 
     def explain_failure(self, error: BaseException) -> BaseException:
         """Turn a collective timeout into an error naming the rank(s) that stopped answering.

@@ -151,13 +151,14 @@ class IEngine:
         """A clearer error for `error` where the engine knows more (e.g. who hung)."""
         return error
 
-    def agree_to_stop(self, signum: int | None) -> int | None:
-        """The stop signal to act on now, the same on every rank (or None).
+    def agree_to_stop(self, signum: int | None, every: int = 1) -> tuple[int | None, int | None]:
+        """The stop signal to act on now, the same on every rank (or None), and the number of
+        batches to the next check, the largest any rank proposed (`every`).
 
         The DDP engine answers with the agreement started at its previous call, keeping the
         collective off the critical path; here there is nobody to agree with.
         """
-        return signum
+        return signum, every
 
     def drain_stop_agreement(self) -> int | None:
         """The result of an agreement still in flight (DDP), else None."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import namedtuple
 from typing import Any
 
@@ -204,3 +205,58 @@ def test_save_load_unpack_checkpoint(tmp_path):
     assert target_optimizer.param_groups[0]["lr"] == 0.3
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         utils.load_checkpoint(tmp_path / "missing.pth")
+
+
+class _AgreementLog(dl.DeviceEngine):
+    """A CPU engine noting the train batch of every stop agreement and its proposal."""
+
+    def __init__(self, runner_ref: list) -> None:
+        super().__init__("cpu")
+        self.runner_ref, self.calls = runner_ref, []
+
+    def agree_to_stop(self, signum, every=1):
+        self.calls.append((self.runner_ref[0].global_batch_step, every))
+        return super().agree_to_stop(signum, every)
+
+
+def _run_recording_agreements(runner: SupervisedRunner, batches: int) -> list:
+    engine = _AgreementLog([runner])
+    model = linear()
+    runner.train(
+        model=model,
+        criterion=nn.MSELoss(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        loaders={"train": loader(batches * 2, batch_size=2)},
+        callbacks=supervised_callbacks(),
+        engine=engine,
+        loggers={},
+        num_epochs=2,
+        verbose=False,
+    )
+    return engine.calls
+
+
+def test_fixed_stop_check_interval_counts_train_batches_across_epochs():
+    runner = SupervisedRunner()
+    runner.stop_check_every_n_batches = 3
+    calls = _run_recording_agreements(runner, batches=10)  # 20 train batches over 2 epochs
+    assert calls == [(3, 3), (6, 3), (9, 3), (12, 3), (15, 3), (18, 3)]
+
+
+def test_stop_check_interval_follows_the_step_time():
+    class SlowRunner(SupervisedRunner):
+        def handle_batch(self, batch):
+            time.sleep(0.01)
+            super().handle_batch(batch)
+
+    fast = SupervisedRunner()
+    fast.stop_check_max_batches = 16
+    calls = _run_recording_agreements(fast, batches=40)
+    # first check after the default 8 batches; then microsecond steps ask for the cap
+    assert calls[0][0] == 8 and {every for _, every in calls} == {16}
+    assert [b for b, _ in calls] == [8, 24, 40, 56, 72]
+
+    slow = SlowRunner()
+    slow.stop_check_seconds = 0.05  # 10+ ms steps: a check every 5 batches or fewer
+    proposals = [every for _, every in _run_recording_agreements(slow, batches=20)]
+    assert proposals and all(1 <= every <= 5 for every in proposals)
