@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -399,6 +400,76 @@ def _probe_callback(dl: Any) -> type:
 
         _CLASSES["probe"] = StepProbe
     return _CLASSES["probe"]
+
+
+# ---------------------------------------------------------------------- lockstep
+def lockstep(
+    plain: Callable[[Callable[[], None]], RunResult],
+    ours: Callable[[Callable[[], None]], RunResult],
+    every: int = 7,
+    first: str = "plain",
+) -> dict[str, RunResult]:
+    """Run `plain(pause)` and `ours(pause)` in two threads that take turns every `every` train
+    steps, `first` ("plain" or "ddprun") starting; returns ``{"plain": ..., "ddprun": ...}``.
+
+    Two runs one after the other see different machine weather (on a shared 2-core box the step
+    time drifts by +-30% within a second); taking turns every few milliseconds puts both sides
+    under the same conditions, so their ratio is the framework's cost alone. Each side calls
+    `pause` after every train step and leaves the time spent in it out of its step times. Only
+    one side's Python runs at a time (background threads such as gloo's keep running); the turns
+    are the same on every rank of a process group, so both ranks issue the same collectives in
+    the same order.
+
+    What stays uneven, and which way: the first step after a turn finds the other side's data in
+    the caches (both sides); the side that starts pays the process's one-time warm-up (callers
+    alternate `first`); ddprun's stop agreement sees the other side's turns as longer steps and
+    so checks more often than in a run alone (against ddprun). The turn length, 7, is prime, so
+    the agreement's async all-reduce (every 1..64 batches) does not always end a turn and run in
+    the other side's time.
+    """
+    if first not in ("plain", "ddprun"):
+        raise ValueError(f"first must be 'plain' or 'ddprun', got {first!r}")
+    turn = {
+        "plain": threading.Semaphore(int(first == "plain")),
+        "ddprun": threading.Semaphore(int(first == "ddprun")),
+    }
+    finished: set[str] = set()
+    results: dict[str, RunResult] = {}
+    errors: list[BaseException] = []
+
+    def pause_for(me: str, other: str) -> Callable[[], None]:
+        steps = 0
+
+        def pause() -> None:
+            nonlocal steps
+            steps += 1
+            if steps % every == 0 and other not in finished:
+                turn[other].release()
+                turn[me].acquire()
+
+        return pause
+
+    def side(me: str, other: str, train: Callable[[Callable[[], None]], RunResult]) -> None:
+        turn[me].acquire()
+        try:
+            results[me] = train(pause_for(me, other))
+        except BaseException as error:  # re-raised by the caller's thread
+            errors.append(error)
+        finally:
+            finished.add(me)
+            turn[other].release()
+
+    threads = [
+        threading.Thread(target=side, args=("plain", "ddprun", plain)),
+        threading.Thread(target=side, args=("ddprun", "plain", ours)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 # ------------------------------------------------------------------------ helpers

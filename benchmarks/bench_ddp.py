@@ -5,7 +5,7 @@ Runs, alternately and in rotating order, for each model:
 - ``torchrun`` + the hand-written DDP script (the reference);
 - ``ddprun`` + the ddprun script (the user's path);
 - ``ddprun`` + the hand-written script (a control: the launcher alone);
-- ``ddprun`` + the ddprun script without the engine's per-batch stop agreement (full runs only;
+- ``ddprun`` + the ddprun script without the engine's in-loop stop agreement (full runs only;
   prices that extra all-reduce; `--no-ablate-stop` leaves it out).
 
 and reports the train time per step (rank 0), the whole-process wall time (just before Popen to
@@ -15,7 +15,7 @@ time.time()).
 
 Then, per model, `--lockstep-runs` launches of ``ddprun --nproc 2`` with the worker script in
 ``lockstep`` mode: the hand-written loop and the Runner in one process group, taking turns every
-8 train steps. On a shared 2-core machine the step time of a 2-rank gloo job drifts by +-30% from
+7 train steps (`bench_common.lockstep`). On a shared 2-core machine the step time of a 2-rank gloo job drifts by +-30% from
 one second to the next, so two separate launches differ by that much whatever they run; taking
 turns every few milliseconds puts both sides under the same conditions, and their ratio is the
 framework's per-step cost with a spread of a few percent.
@@ -103,26 +103,24 @@ def ddprun_runnable(timeout: float = 90.0) -> tuple[bool, str]:
 
 def _wait_measuring_cpu(proc: subprocess.Popen, timeout: float) -> tuple[int, float]:
     """Wait for `proc`; return its exit code and the CPU time of the launcher process itself
-    (sampled every 0.1 s until it exits; its workers are separate processes, not counted)."""
+    (its workers are separate processes, not counted), read once it has exited but before it
+    is reaped, so its shutdown work is included."""
     deadline = time.monotonic() + timeout
-    cpu = 0.0
-    try:
-        agent = psutil.Process(proc.pid)
-    except psutil.Error:
-        agent = None
-    while proc.poll() is None:
+    while True:
+        # WNOWAIT: learn that it exited, leaving the zombie (and its CPU times) in place
+        if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            break
         if time.monotonic() > deadline:
             proc.kill()
             proc.wait()
-            return -9, cpu
-        if agent is not None:
-            try:
-                times = agent.cpu_times()
-                cpu = times.user + times.system
-            except psutil.Error:
-                agent = None
-        time.sleep(0.1)
-    return proc.returncode, cpu
+            return -9, float("nan")
+        time.sleep(0.05)
+    try:
+        times = psutil.Process(proc.pid).cpu_times()
+        cpu = times.user + times.system
+    except psutil.Error:
+        cpu = float("nan")
+    return proc.wait(), cpu
 
 
 def run_once(
@@ -181,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         "--ablate-stop",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also run ddprun without its per-batch stop agreement, to price that collective "
+        help="also run ddprun without its in-loop stop agreement, to price that collective "
         "(default: on, off with --quick)",
     )
     parser.add_argument(
@@ -292,7 +290,8 @@ def lockstep(model: str, runs: int, quick: bool, timeout: float) -> None:
     """`runs` launches of ``ddprun --nproc 2`` + the lockstep worker; emits the per-step ratio."""
     records = []
     for run in range(runs):
-        result = run_once("ddprun", "lockstep", model, quick, timeout)
+        first = ("plain", "ddprun")[run % 2]  # the side that starts pays the warm-up
+        result = run_once("ddprun", "lockstep", model, quick, timeout, ("--first", first))
         plain, ours = result["plain"], result["ddprun"]
         records.append(result)
         bc.log(

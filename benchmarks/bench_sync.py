@@ -238,7 +238,8 @@ def _through_runner(engine: Any, n: int, logdir: str, dist_counter: DistCounter)
                 }
             )
 
-    # 16 train batches per rank: more than the runner's stop-agreement interval (8 batches)
+    # 16 train batches per rank: several stop agreements (the first after one batch), which
+    # are counted per batch, apart from the loader-end reduction
     work = bc.Workload(epochs=1, train_samples=2048, valid_samples=256)
     torch.manual_seed(0)
     model = bc.make_model("tiny")

@@ -4,7 +4,7 @@
 ``--mode plain``: the hand-written DDP loop (init_process_group("gloo"), DistributedSampler,
 DistributedDataParallel, one all-reduce of the loader sums). ``--mode ddprun``: the same work
 through ``dl.Runner.train`` with ``DistributedDataParallelEngine``; ``--mode ddprun-nostop`` is
-the same without the engine's per-batch stop agreement (to measure what it costs).
+the same without the engine's in-loop stop agreement (to measure what it costs).
 ``--mode lockstep``: both, in one process group, taking turns every ``--every`` train steps (see
 `lockstep`). Rank 0 writes its timings (train time per step, the time.time() of its first
 training step, ...) as JSON to ``--result``.
@@ -31,7 +31,10 @@ def main() -> None:
     parser.add_argument(
         "--mode", choices=("plain", "ddprun", "ddprun-nostop", "lockstep"), required=True
     )
-    parser.add_argument("--every", type=int, default=8, help="lockstep: steps per turn")
+    parser.add_argument("--every", type=int, default=7, help="lockstep: steps per turn")
+    parser.add_argument(
+        "--first", choices=("plain", "ddprun"), default="plain", help="lockstep: who starts"
+    )
     parser.add_argument("--model", choices=bc.MODELS, default="tiny")
     parser.add_argument("--result", required=True)
     parser.add_argument("--logdir", required=True)
@@ -43,10 +46,11 @@ def main() -> None:
     logdir = Path(args.logdir) / f"{args.mode}-{args.model}"
     with bc.quiet():
         if args.mode == "lockstep":
-            results = lockstep(work, args.model, logdir, args.every)
+            results = lockstep(work, args.model, logdir, args.every, args.first)
             if rank == 0:
                 payload = {side: result.as_dict() for side, result in results.items()}
-                Path(args.result).write_text(json.dumps({**payload, "every": args.every}))
+                extra = {"every": args.every, "first": args.first}
+                Path(args.result).write_text(json.dumps({**payload, **extra}))
         elif args.mode == "plain":
             import torch.distributed as dist
 
@@ -66,71 +70,26 @@ def main() -> None:
             _write(args.result, rank, result)
 
 
-def lockstep(work: bc.Workload, model: str, logdir: Path, every: int) -> dict[str, bc.RunResult]:
-    """The hand-written DDP loop and the ddprun Runner in one process group, in two threads that
-    take turns every `every` train steps (the same on every rank, so both ranks issue the same
-    collectives in the same order).
-
-    Two runs launched one after the other see different machine weather (on a shared 2-core box
-    the step time drifts by +-30% within a second); taking turns every few milliseconds puts both
-    sides under the same weather, so their ratio is the framework's cost alone. The time a side
-    spends waiting for its turn is left out of its step times (`pause` in bench_common).
-    """
-    import threading
-
+def lockstep(
+    work: bc.Workload, model: str, logdir: Path, every: int, first: str
+) -> dict[str, bc.RunResult]:
+    """The hand-written DDP loop and the ddprun Runner in one process group, taking turns every
+    `every` train steps (`bench_common.lockstep`)."""
     import torch.distributed as dist
 
     from ddprun import dl
 
     dist.init_process_group("gloo")
-    turn = {"plain": threading.Semaphore(1), "ddprun": threading.Semaphore(0)}
-    finished: set[str] = set()
-    results: dict[str, bc.RunResult] = {}
-    errors: list[BaseException] = []
 
-    def pause_for(me: str, other: str) -> Any:
-        steps = 0
+    def plain_side(pause: Any) -> bc.RunResult:
+        return bc.plain_train(work, model, logdir / "plain", ddp=True, pause=pause)
 
-        def pause() -> None:
-            nonlocal steps
-            steps += 1
-            if steps % every == 0 and other not in finished:
-                turn[other].release()
-                turn[me].acquire()
-
-        return pause
-
-    def plain_side() -> Any:
-        return bc.plain_train(
-            work, model, logdir / "plain", ddp=True, pause=pause_for("plain", "ddprun")
-        )
-
-    def ddprun_side() -> Any:
+    def ddprun_side(pause: Any) -> bc.RunResult:
         engine = dl.DistributedDataParallelEngine(backend="gloo")
         engine.teardown = lambda: None  # the group is shared with the other side: left below
-        pause = pause_for("ddprun", "plain")
         return bc.ddprun_train(work, model, logdir / "ddprun", engine=engine, ddp=True, pause=pause)
 
-    def side(me: str, other: str, train: Any) -> None:
-        turn[me].acquire()
-        try:
-            results[me] = train()
-        except BaseException as error:  # reported by the main thread
-            errors.append(error)
-        finally:
-            finished.add(me)
-            turn[other].release()
-
-    threads = [
-        threading.Thread(target=side, args=("plain", "ddprun", plain_side)),
-        threading.Thread(target=side, args=("ddprun", "plain", ddprun_side)),
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    results = bc.lockstep(plain_side, ddprun_side, every, first)
     dist.destroy_process_group()
     return results
 

@@ -165,7 +165,7 @@ def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
             if "ddprun_nostop_step_s" in r:
                 add(
                     (
-                        f"2 procs gloo, {r['model']}: ddprun without its per-batch stop agreement"
+                        f"2 procs gloo, {r['model']}: ddprun without its in-loop stop agreement"
                         " (median step; CPU per step)",
                         f"{_ms(r['torchrun_step_s'])}; {_ms(r['torchrun_cpu_step_s'])}",
                         f"{_ms(r['ddprun_nostop_step_s'])}; {_ms(r['ddprun_nostop_cpu_step_s'])}",
@@ -189,6 +189,18 @@ def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
                     f"{r['ddprun_wall_s']:.2f} s",
                     f"x{r['wall_ratio']:.3f} (ddprun+plain script: "
                     f"{r['ddprun_plain_wall_s']:.2f} s)",
+                )
+            )
+        elif section == "single_lockstep":
+            add(
+                (
+                    f"1 process, {r['model']}: train time per step, lockstep (hand-written loop "
+                    f"and Runner taking turns every {r['every']} steps; {r['runs']} runs)",
+                    _ms(r["plain_step_s"]),
+                    _ms(r["ddprun_step_s"]),
+                    _ratio_cell(r) + ("" if r["same_valid_loss"] else "; **valid loss differs**"),
+                    f"<= {r['target']:.2f}",
+                    _met_spread(r),
                 )
             )
         elif section == "ddp_lockstep":

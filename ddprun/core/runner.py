@@ -67,11 +67,11 @@ class IRunner:
 
     #: Seconds of training between two stop-signal agreements across ranks (a small pipelined
     #: collective, DDP only). The number of batches between agreements follows the measured
-    #: step time, between 1 and `stop_check_max_batches`, and is itself agreed by all ranks,
-    #: so a SIGTERM takes effect within about this long (plus one agreement) on every rank.
+    #: step time, between 1 and `stop_check_max_batches`, and is itself agreed by all ranks.
+    #: An agreement's answer arrives at the next one, so a SIGTERM takes effect within about
+    #: two intervals on every rank.
     stop_check_seconds: float = 0.2
-    #: The most batches between two agreements (fast steps: the collective every 64 steps
-    #: costs under 1% even for a 1 ms step on a busy 2-core machine).
+    #: The most batches between two agreements (fast steps: about 0.2% of a 1 ms DDP step).
     stop_check_max_batches: int = 64
     #: A fixed number of batches between agreements instead (None: from stop_check_seconds).
     stop_check_every_n_batches: int | None = None
@@ -319,19 +319,24 @@ class IRunner:
     def _agree_to_stop(self) -> None:
         """Agree on the stop flag, and on the number of batches to the next agreement."""
         now = time.perf_counter()
-        fixed = self.stop_check_every_n_batches
-        if fixed is not None:
-            proposal = max(1, int(fixed))
+        if self.stop_check_every_n_batches is not None:
+            proposal = max(1, int(self.stop_check_every_n_batches))
         else:
             step = (now - self._stop_check_time) / max(self._stop_check_batches, 1)
-            proposal = self.stop_check_seconds / step if step > 0 else 1
+            proposal = self.stop_check_seconds / step if step > 0 else self.stop_check_max_batches
             proposal = int(min(max(proposal, 1), self.stop_check_max_batches))
-        signum, every = self.engine.agree_to_stop(self._stop_flag.signum, proposal)
-        self.stop_signal = signum
-        if every is not None:  # None only at the first agreement: keep the current count
-            self._stop_every = every
+        signum, every = _agreement(self.engine.agree_to_stop(self._stop_flag.signum, proposal))
+        self._adopt_agreement(signum, every)
         self._stop_countdown = self._stop_check_batches = self._stop_every
         self._stop_check_time = now
+
+    def _adopt_agreement(self, signum: int | None, every: int | None) -> None:
+        # None: no agreement was in flight (the first one, or the first after a loader end);
+        # every rank gets the same answers at the same calls, so all keep the same count
+        if signum is not None:
+            self.stop_signal = signum
+        if every is not None:
+            self._stop_every = every
 
     # ------------------------------------------------------------------ resume
     def _take_resume_position(self) -> dict[str, Any] | None:
@@ -361,8 +366,10 @@ class IRunner:
         self._exact_keys: set[str] = set()
         self._batch_averages: dict[str, AdditiveMetric] = {}
         self._batch_loggers: list[Any] = []
-        # batches to the next stop agreement: the same on every rank (see _agree_to_stop)
-        self._stop_every = self.stop_check_every_n_batches or 8
+        # batches to the next stop agreement: the same on every rank (see _agree_to_stop); the
+        # first agreement comes after one batch (adaptive) and sets the pace from then on
+        fixed = self.stop_check_every_n_batches
+        self._stop_every = 1 if fixed is None else max(1, int(fixed))
         self._stop_countdown = self._stop_check_batches = self._stop_every
         self._stop_check_time = 0.0
         # Set by CheckpointCallback when resuming: the mid-epoch position to continue from,
@@ -430,7 +437,9 @@ class IRunner:
         # Evaluation splits may differ by a batch across ranks, so loader ends are where all
         # ranks meet to agree on a stop, inside the one metric reduction; a stop agreed here
         # takes effect after the epoch's checkpoint.
-        in_flight = self.engine.drain_stop_agreement()
+        in_flight, every = _agreement(self.engine.drain_stop_agreement())
+        if every is not None:
+            self._stop_every = every  # the drained answer still sets the pace, on every rank
         vote = StopVote(self._stop_flag.signum or in_flight, self.device)
         # sorted: every rank must pack the same states in the same order
         averages = [self._batch_averages[key] for key in sorted(self._batch_averages)]
@@ -456,6 +465,14 @@ class IRunner:
 
 
 # --------------------------------------------------------------------- helpers
+def _agreement(answer: Any) -> tuple[int | None, int | None]:
+    """An engine's stop agreement as ``(signal, batches to the next check)``; engines written
+    before the interval was agreed return the signal alone."""
+    if isinstance(answer, tuple):
+        return answer
+    return answer, None
+
+
 def _logs_batches(logger: Any) -> bool:
     return bool(getattr(logger, "log_batch_metrics", False))
 

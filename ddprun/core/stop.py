@@ -1,7 +1,8 @@
 """Graceful stop on SIGTERM/SIGUSR1 (preemption: SLURM, Kubernetes, the launcher forwarding).
 
-A signal only sets a flag. After every batch the ranks agree on it collectively (the engine's
-`agree_to_stop`), so every rank stops after the same batch and none is left waiting in a
+A signal only sets a flag. About every `IRunner.stop_check_seconds` of training (a number of
+batches the ranks agree on) and at every loader end, the ranks agree on it collectively (the
+engine's `agree_to_stop`), so every rank stops after the same batch and none is left waiting in a
 collective the others skipped; CheckpointCallback then writes ``last.pth`` with the position,
 and the run ends with `RunStopped` (exit status 128 + signal number).
 """

@@ -248,9 +248,9 @@ class DistributedDataParallelEngine(IEngine):
         """Pipelined MAX all-reduce of ``[stop signal, proposed batches to the next check]`` on
         the CPU control group.
 
-        Returns the agreement started at the previous call (``(None, None)`` at the first) and
-        starts a new one, so no rank blocks on it; every rank gets the same answer at the same
-        call.
+        Returns the agreement started at the previous call (``(None, None)`` when none is in
+        flight: the first call, or the first after `drain_stop_agreement`) and starts a new one,
+        so no rank blocks on it; every rank gets the same answer at the same call.
         """
         agreed = self._collect_stop_agreement()
         buffer = self._stop_buffers[self._stop_calls % 2]
@@ -262,9 +262,9 @@ class DistributedDataParallelEngine(IEngine):
         self._stop_pending = (buffer, work)
         return agreed
 
-    def drain_stop_agreement(self) -> int | None:
-        """Wait for the agreement still in flight (if any) and return its stop signal."""
-        return self._collect_stop_agreement()[0]
+    def drain_stop_agreement(self) -> tuple[int | None, int | None]:
+        """Wait for the agreement still in flight (if any) and return it."""
+        return self._collect_stop_agreement()
 
     def _collect_stop_agreement(self) -> tuple[int | None, int | None]:
         if self._stop_pending is None:

@@ -160,9 +160,10 @@ class IEngine:
         """
         return signum, every
 
-    def drain_stop_agreement(self) -> int | None:
-        """The result of an agreement still in flight (DDP), else None."""
-        return None
+    def drain_stop_agreement(self) -> tuple[int | None, int | None]:
+        """The agreement still in flight (DDP), as `agree_to_stop` returns it, else
+        ``(None, None)``."""
+        return None, None
 
     # -------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
