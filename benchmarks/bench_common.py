@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import statistics
 import sys
@@ -470,6 +471,13 @@ def lockstep(
     if errors:
         raise errors[0]
     return results
+
+
+def order_balanced(ratios: Sequence[float]) -> list[float]:
+    """Per pair of lockstep runs (plain started the first, ddprun the second), the geometric
+    mean of their two ratios: the side that starts is measured a few percent slower in some
+    runs, and each pair cancels that."""
+    return [math.sqrt(a * b) for a, b in zip(ratios[0::2], ratios[1::2])]
 
 
 # ------------------------------------------------------------------------ helpers

@@ -13,14 +13,14 @@ exit), the launcher's own CPU time (the agent process alone, not its workers) an
 time (just before Popen to the script's first training step, which the script stamps with
 time.time()).
 
-Then, per model, `--lockstep-runs` launches of ``ddprun --nproc 2`` with the worker script in
-``lockstep`` mode: the hand-written loop and the Runner in one process group, taking turns every
-7 train steps (`bench_common.lockstep`). On a shared 2-core machine the step time of a 2-rank gloo job drifts by +-30% from
-one second to the next, so two separate launches differ by that much whatever they run; taking
-turns every few milliseconds puts both sides under the same conditions, and their ratio is the
-framework's per-step cost with a spread of a few percent.
+Then, per model, `--lockstep-pairs` pairs of launches of ``ddprun --nproc 2`` with the worker
+script in ``lockstep`` mode: the hand-written loop and the Runner in one process group, taking
+turns every 7 train steps (`bench_common.lockstep`; plain starts one launch of a pair, ddprun the
+other). On a shared 2-core machine the step time of a 2-rank gloo job drifts by +-30% from one
+second to the next, so two separate launches differ by that much whatever they run; taking turns
+every few milliseconds puts both sides under the same conditions.
 
-    python benchmarks/bench_ddp.py [--quick] [--reps N] [--lockstep-runs N] [--models tiny,mlp]
+    python benchmarks/bench_ddp.py [--quick] [--reps N] [--lockstep-pairs N] [--models tiny,mlp]
 """
 
 from __future__ import annotations
@@ -183,14 +183,15 @@ def main(argv: list[str] | None = None) -> None:
         "(default: on, off with --quick)",
     )
     parser.add_argument(
-        "--lockstep-runs",
+        "--lockstep-pairs",
         type=int,
         default=None,
-        help="launches of the lockstep comparison per model (default 5, quick 2; 0: none)",
+        help="pairs of lockstep launches per model, plain starting one and ddprun the other "
+        "(default 3, quick 1; 0: none)",
     )
     args = parser.parse_args(argv)
-    if args.lockstep_runs is None:
-        args.lockstep_runs = 2 if args.quick else 5
+    if args.lockstep_pairs is None:
+        args.lockstep_pairs = 1 if args.quick else 3
     if args.ablate_stop is None:
         args.ablate_stop = not args.quick
     combos = COMBOS + ((("ddprun", "ddprun-nostop"),) if args.ablate_stop else ())
@@ -267,8 +268,8 @@ def main(argv: list[str] | None = None) -> None:
                 "quick": args.quick,
             }
         )
-        if args.lockstep_runs:
-            lockstep(model, args.lockstep_runs, args.quick, args.timeout)
+        if args.lockstep_pairs:
+            lockstep(model, 2 * args.lockstep_pairs, args.quick, args.timeout)
     ref, ours, ctl = (bc.median(startups[c]) for c in COMBOS)
     bc.emit(
         {
@@ -299,7 +300,9 @@ def lockstep(model: str, runs: int, quick: bool, timeout: float) -> None:
             f"{bc.fmt_time(plain['step_median_s'])}, ddprun {bc.fmt_time(ours['step_median_s'])}"
             f" (x{ours['step_median_s'] / plain['step_median_s']:.3f})"
         )
-    ratios = [r["ddprun"]["step_median_s"] / r["plain"]["step_median_s"] for r in records]
+    ratios = bc.order_balanced(
+        [r["ddprun"]["step_median_s"] / r["plain"]["step_median_s"] for r in records]
+    )
     mean_ratios = [r["ddprun"]["step_s"] / r["plain"]["step_s"] for r in records]
     bc.emit(
         {

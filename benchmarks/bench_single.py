@@ -5,10 +5,10 @@ warm-up pair) in this process with one thread, and reports the median train time
 each, the median of the per-pair ratios ddprun/plain (pairs are adjacent in time, so a busy
 neighbour on a shared machine hits both sides of a pair) and the whole-run wall times.
 
-Then `--lockstep-runs` lockstep runs (`bench_common.lockstep`): both sides in this process,
-taking turns every 7 train steps, so both see the same machine conditions to the millisecond.
+Then `--lockstep-pairs` pairs of lockstep runs (`bench_common.lockstep`): both sides in this
+process, taking turns every 7 train steps, so both see the same machine conditions.
 
-    python benchmarks/bench_single.py [--quick] [--reps N] [--lockstep-runs N] [--models ...]
+    python benchmarks/bench_single.py [--quick] [--reps N] [--lockstep-pairs N] [--models ...]
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ def measure_lockstep(work: bc.Workload, model: str, runs: int) -> dict:
             f"{bc.fmt_time(plain.step_median_s)}, ddprun {bc.fmt_time(ours.step_median_s)}"
             f" (x{ours.step_median_s / plain.step_median_s:.3f})"
         )
-    ratios = [r["ddprun"].step_median_s / r["plain"].step_median_s for r in records]
+    ratios = bc.order_balanced(
+        [r["ddprun"].step_median_s / r["plain"].step_median_s for r in records]
+    )
     return {
         "section": "single_lockstep",
         "model": model,
@@ -121,7 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=None, help="plain/ddprun pairs (default 5)")
     parser.add_argument("--models", default=",".join(bc.MODELS))
     parser.add_argument(
-        "--lockstep-runs", type=int, default=None, help="default 5, quick 2; 0: none"
+        "--lockstep-pairs",
+        type=int,
+        default=None,
+        help="pairs of lockstep runs, plain starting one and ddprun the other (default 3, "
+        "quick 1; 0: none)",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -135,9 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         result["workload"] = work.as_dict()
         result["seconds"] = time.perf_counter() - start
         bc.emit(result)
-        runs = args.lockstep_runs if args.lockstep_runs is not None else (2 if args.quick else 5)
-        if runs:
-            bc.emit({**measure_lockstep(work, model, runs), "workload": work.as_dict()})
+        pairs = args.lockstep_pairs if args.lockstep_pairs is not None else (1 if args.quick else 3)
+        if pairs:
+            bc.emit({**measure_lockstep(work, model, 2 * pairs), "workload": work.as_dict()})
 
 
 if __name__ == "__main__":

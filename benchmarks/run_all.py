@@ -195,7 +195,8 @@ def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
             add(
                 (
                     f"1 process, {r['model']}: train time per step, lockstep (hand-written loop "
-                    f"and Runner taking turns every {r['every']} steps; {r['runs']} runs)",
+                    f"and Runner taking turns every {r['every']} steps; "
+                    f"{r['runs'] // 2} pairs of runs)",
                     _ms(r["plain_step_s"]),
                     _ms(r["ddprun_step_s"]),
                     _ratio_cell(r) + ("" if r["same_valid_loss"] else "; **valid loss differs**"),
@@ -208,7 +209,7 @@ def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
                 (
                     f"2 procs gloo, {r['model']}: train time per step, lockstep (hand-written "
                     f"DDP loop and Runner in one `ddprun --nproc 2` job, turns every "
-                    f"{r['every']} steps; {r['runs']} launches)",
+                    f"{r['every']} steps; {r['runs'] // 2} pairs of launches)",
                     _ms(r["plain_step_s"]),
                     _ms(r["ddprun_step_s"]),
                     _ratio_cell(r) + ("" if r["same_valid_loss"] else "; **valid loss differs**"),
