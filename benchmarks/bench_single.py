@@ -5,18 +5,17 @@ warm-up pair) in this process with one thread, and reports the median train time
 each, the median of the per-pair ratios ddprun/plain (pairs are adjacent in time, so a busy
 neighbour on a shared machine hits both sides of a pair) and the whole-run wall times.
 
-Then `--lockstep-pairs` pairs of lockstep runs (`bench_common.lockstep`): both sides in this
-process, taking turns every 7 train steps, so both see the same machine conditions.
+(No lockstep here, unlike bench_ddp.py: in one process the side that starts a lockstep run came
+out up to 1.7x slower for the whole run, an artifact larger than what it measures; the
+alternating whole runs above already repeat within a few percent.)
 
-    python benchmarks/bench_single.py [--quick] [--reps N] [--lockstep-pairs N] [--models ...]
+    python benchmarks/bench_single.py [--quick] [--reps N] [--models ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
-from typing import Any
 
 import bench_common as bc
 import torch
@@ -74,61 +73,11 @@ def measure(work: bc.Workload, model: str, reps: int) -> dict:
     }
 
 
-def measure_lockstep(work: bc.Workload, model: str, runs: int) -> dict:
-    """`runs` lockstep runs of the plain loop and the Runner; the per-step ratio."""
-    records = []
-    for run in range(runs):
-        with bc.temp_logdir(f"lockstep-{model}") as logdir, bc.quiet():
-            folder = Path(logdir)
-
-            def plain_side(pause: Any, folder: Path = folder) -> bc.RunResult:
-                return bc.plain_train(work, model, folder / "plain", pause=pause)
-
-            def ddprun_side(pause: Any, folder: Path = folder) -> bc.RunResult:
-                return bc.ddprun_train(work, model, folder / "ddprun", pause=pause)
-
-            first = ("plain", "ddprun")[run % 2]  # the side that starts pays the warm-up
-            records.append(bc.lockstep(plain_side, ddprun_side, first=first))
-        plain, ours = records[-1]["plain"], records[-1]["ddprun"]
-        bc.log(
-            f"  single-lockstep/{model} run {run + 1}/{runs}: median step plain "
-            f"{bc.fmt_time(plain.step_median_s)}, ddprun {bc.fmt_time(ours.step_median_s)}"
-            f" (x{ours.step_median_s / plain.step_median_s:.3f})"
-        )
-    ratios = bc.order_balanced(
-        [r["ddprun"].step_median_s / r["plain"].step_median_s for r in records]
-    )
-    return {
-        "section": "single_lockstep",
-        "model": model,
-        "runs": runs,
-        "every": 7,
-        "steps": records[0]["ddprun"].steps,
-        "plain_step_s": bc.median([r["plain"].step_median_s for r in records]),
-        "ddprun_step_s": bc.median([r["ddprun"].step_median_s for r in records]),
-        "ratio": bc.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "mean_ratio": bc.median([r["ddprun"].step_s / r["plain"].step_s for r in records]),
-        "same_valid_loss": all(
-            abs(r["plain"].valid_loss - r["ddprun"].valid_loss) < 1e-4 for r in records
-        ),
-        "target": {"tiny": 1.10, "mlp": 1.02}[model],
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1 epoch of 4096 samples, 3 reps")
     parser.add_argument("--reps", type=int, default=None, help="plain/ddprun pairs (default 5)")
     parser.add_argument("--models", default=",".join(bc.MODELS))
-    parser.add_argument(
-        "--lockstep-pairs",
-        type=int,
-        default=None,
-        help="pairs of lockstep runs, plain starting one and ddprun the other (default 3, "
-        "quick 1; 0: none)",
-    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     work = bc.Workload()
@@ -141,9 +90,6 @@ def main(argv: list[str] | None = None) -> None:
         result["workload"] = work.as_dict()
         result["seconds"] = time.perf_counter() - start
         bc.emit(result)
-        pairs = args.lockstep_pairs if args.lockstep_pairs is not None else (1 if args.quick else 3)
-        if pairs:
-            bc.emit({**measure_lockstep(work, model, 2 * pairs), "workload": work.as_dict()})
 
 
 if __name__ == "__main__":

@@ -191,19 +191,6 @@ def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
                     f"{r['ddprun_plain_wall_s']:.2f} s)",
                 )
             )
-        elif section == "single_lockstep":
-            add(
-                (
-                    f"1 process, {r['model']}: train time per step, lockstep (hand-written loop "
-                    f"and Runner taking turns every {r['every']} steps; "
-                    f"{r['runs'] // 2} pairs of runs)",
-                    _ms(r["plain_step_s"]),
-                    _ms(r["ddprun_step_s"]),
-                    _ratio_cell(r) + ("" if r["same_valid_loss"] else "; **valid loss differs**"),
-                    f"<= {r['target']:.2f}",
-                    _met_spread(r),
-                )
-            )
         elif section == "ddp_lockstep":
             add(
                 (
