@@ -164,7 +164,9 @@ def test_sigusr1_saves_requeues_and_the_job_resumes(
     while time.monotonic() < deadline:
         job.info = cluster.job_info(job_id)
         state, restarts = job.info.get("JobState"), job.info.get("Restarts")
-        if not released and state == "PENDING" and restarts == "1":
+        if not released and state == "PENDING" and restarts == "1" and _nodes_idle(cluster):
+            # only once the nodes are done with the first run: slurmd refuses to start a job
+            # whose previous run it is still cleaning up ("Job credential revoked")
             cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
             released = True
         if job.info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
@@ -182,3 +184,9 @@ def test_sigusr1_saves_requeues_and_the_job_resumes(
     rows = (job.logdir / "logs" / "train.csv").read_text().splitlines()
     assert rows == (finished_job.logdir / "logs" / "train.csv").read_text().splitlines()
     assert worker_processes(str(folder)) == []
+
+
+def _nodes_idle(cluster: SlurmCluster) -> bool:
+    """Whether every node of the test cluster reports idle (no job running or completing)."""
+    states = cluster.run("sinfo", "-h", "-N", "-o", "%T", timeout=10).stdout.split()
+    return bool(states) and all(state == "idle" for state in states)
