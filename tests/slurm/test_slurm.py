@@ -161,12 +161,17 @@ def test_sigusr1_saves_requeues_and_the_job_resumes(
     assert signal.returncode == 0, signal.stderr
     # SLURM holds a requeued job back for a while (BeginTime); let it start again at once.
     deadline, released = time.monotonic() + 120, False
+    pending_since: float | None = None
     while time.monotonic() < deadline:
         job.info = cluster.job_info(job_id)
         state, restarts = job.info.get("JobState"), job.info.get("Restarts")
-        if not released and state == "PENDING" and restarts == "1" and _nodes_idle(cluster):
-            # only once the nodes are done with the first run: slurmd refuses to start a job
-            # whose previous run it is still cleaning up ("Job credential revoked")
+        if state == "PENDING" and restarts == "1" and pending_since is None:
+            pending_since = time.monotonic()
+        waited = pending_since is not None and time.monotonic() - pending_since > 2.0
+        if not released and waited and _nodes_idle(cluster):
+            # Not at once: slurmd revokes the first run's credential at the requeue, and refuses
+            # a new one issued within the same second ("Job credential revoked"); SLURM's own
+            # requeue delay avoids that, this release must too.
             cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
             released = True
         if job.info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
