@@ -7,10 +7,11 @@ for fp16, the GradScaler whose state goes into checkpoints.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+_NO_AUTOCAST = contextlib.nullcontext()
 
 
 class Precision:
@@ -18,10 +19,10 @@ class Precision:
 
     name = "fp32"
 
-    @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
-        """Context for the forward pass."""
-        yield
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for the forward pass (fp32: one shared no-op context, entered twice per
+        batch, so no generator is built per call)."""
+        return _NO_AUTOCAST
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate `loss`."""
@@ -68,10 +69,8 @@ class MixedPrecision(Precision):
         self.name = "bf16" if self.dtype == torch.bfloat16 else "fp16"
         self._unscaled: set[int] = set()
 
-    @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
-        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
-            yield
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.scaler is None:

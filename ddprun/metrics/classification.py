@@ -67,10 +67,24 @@ class AccuracyMetric(Metric):
         Returns:
             This batch's accuracy per k, as 0-dim float tensors on the outputs' device.
         """
+        count = targets.shape[0]
+        if (
+            self.topk == (1,)
+            and outputs.dim() == 2
+            and outputs.shape[1] > 1
+            and targets.dim() == 1
+            and not targets.is_floating_point()
+        ):
+            # The common case (scores and class indices, top-1) in four small ops: each costs
+            # a few microseconds more once a large model has pushed the dispatcher out of cache.
+            correct = outputs.argmax(dim=1).eq(targets).sum()
+            self.correct.add_(correct)
+            self.total.add_(count)
+            return [correct / count]
         correct = F.topk_correct(outputs, targets, self.topk)
         self.correct.add_(correct)
-        self.total.add_(targets.shape[0])
-        return list((correct.to(torch.get_default_dtype()) / targets.shape[0]).unbind(0))
+        self.total.add_(count)
+        return list((correct.to(torch.get_default_dtype()) / count).unbind(0))
 
     def update_key_value(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """`update`, with the batch's accuracies keyed as in `compute_key_value` (for batch metrics)."""
