@@ -42,6 +42,23 @@ def test_accuracy_metric_over_batches_equals_functional(make_data, seed):
     assert list(key_values.values()) == pytest.approx(whole, abs=1e-6)
 
 
+@pytest.mark.parametrize("dtype", (torch.int64, torch.int32))
+def test_top1_accuracy_fast_path_equals_the_general_one(make_data, dtype):
+    """Top-1 with class-index targets takes a four-op path; one-hot targets take the general
+    one. Both must count the same."""
+    logits, targets = make_data(3, num_classes=10)
+    fast, general = AccuracyMetric(topk=(1,)), AccuracyMetric(topk=(1,))
+    for batch_logits, batch_targets in _batches(logits, targets):
+        one_hot = torch.nn.functional.one_hot(batch_targets, 10)  # (B, C): the general path
+        value = fast.update(batch_logits, batch_targets.to(dtype))
+        expected = general.update(batch_logits, one_hot)
+        assert value[0].dtype == expected[0].dtype == torch.get_default_dtype()
+        assert value[0].dim() == 0 and torch.equal(value[0], expected[0])
+    assert torch.equal(fast.correct, general.correct) and torch.equal(fast.total, general.total)
+    assert fast.compute() == general.compute()
+    assert fast.compute() == pytest.approx([metrics.accuracy(logits, targets)[0].item()])
+
+
 def test_accuracy_metric_batch_keys_and_empty_value(make_data):
     logits, targets = make_data(0)
     metric = AccuracyMetric(topk=(1, 3))
