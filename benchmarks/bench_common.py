@@ -10,13 +10,13 @@ Both loops do the same work per run:
 - validation without gradients, with loss and accuracy over the loader;
 - per epoch: one CSV row per loader and a checkpoint (last, and best by validation loss).
 
-Per-step time is measured at the same points in both: from just before the first batch is
-fetched from the train loader (ddprun: the last ``on_loader_start`` callback) to the end of
-the last train batch (ddprun: the last ``on_batch_end`` callback), divided by the number of
-train steps; the median of the individual step intervals is kept as well, and the process CPU
-time (all threads) per train step over the same span, which a busy neighbour on a shared machine
-disturbs much less than wall time. Whole-run wall time is the whole training call, from building
-the loaders to the last checkpoint.
+Per-step time is measured at the same points in both, by one `StepClock`: from just before the
+first batch is fetched from the train loader (ddprun: the last ``on_loader_start`` callback) to
+the end of the last train batch (ddprun: the last ``on_batch_end`` callback), divided by the
+number of train steps; the median of the individual step intervals is kept as well, and the
+process CPU time (all threads) per train step over the same span, which a busy neighbour on a
+shared machine disturbs much less than wall time. Whole-run wall time is the whole training
+call, from building the loaders to the last checkpoint.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -135,7 +135,7 @@ class RunResult:
     cpu_step_s: float  # process CPU time (all threads) per train step: robust to a busy machine
     wall_s: float
     steps: int
-    first_step_time: float  # time.time() at the first train step
+    first_step_time: float  # time.time() just before the first train batch is fetched
     valid_loss: float
     valid_accuracy: float
 
@@ -143,7 +143,135 @@ class RunResult:
         return asdict(self)
 
 
+# ------------------------------------------------------------------- step timing
+class StepClock:
+    """Train-step timing at the same points for every loop: `start()` just before the first
+    batch of a train loader is fetched, `end(last)` at the end of every train batch, `stop()`
+    after the loader.
+
+    `pause`, when given, is called at every `end` (lockstep runs: it may hand the CPU to the
+    other side); the time spent in it is left out of the step times.
+    """
+
+    def __init__(self, pause: Callable[[], None] | None = None) -> None:
+        self.wall_start = time.perf_counter()
+        self.intervals: list[float] = []
+        self.time = self.cpu = 0.0
+        self.steps = 0
+        # time.time() at the first train loader's start, not per batch: no loop pays an extra
+        # per-batch hook for it (only the DDP start-up benchmark reads it)
+        self.first_step: float | None = None
+        self._pause = pause
+        self._paused = self._start = self._cpu_start = self._cpu_end = 0.0
+        self._ends: list[float] = []
+
+    def start(self) -> None:
+        if self.first_step is None:
+            self.first_step = time.time()
+        self._ends = []
+        self._paused = 0.0
+        self._cpu_start = time.process_time()
+        self._start = time.perf_counter()
+
+    def end(self, last: bool = False) -> None:
+        self._ends.append(time.perf_counter() - self._paused)
+        if last:  # process CPU time only at the loader's last batch: one syscall per epoch
+            self._cpu_end = time.process_time()
+        if self._pause is not None:
+            before = time.perf_counter()
+            self._pause()
+            self._paused += time.perf_counter() - before
+
+    def stop(self) -> None:
+        if self._ends:
+            self.cpu += self._cpu_end - self._cpu_start
+            self.time += self._ends[-1] - self._start
+            self.steps += len(self._ends)
+            self.intervals += _intervals(self._start, self._ends)
+            self._ends = []
+
+    def result(self, valid_loss: float, valid_accuracy: float) -> RunResult:
+        return RunResult(
+            step_s=self.time / max(self.steps, 1),
+            step_median_s=median(self.intervals),
+            cpu_step_s=self.cpu / max(self.steps, 1),
+            wall_s=time.perf_counter() - self.wall_start,
+            steps=self.steps,
+            first_step_time=self.first_step or 0.0,
+            valid_loss=valid_loss,
+            valid_accuracy=valid_accuracy,
+        )
+
+
 # ------------------------------------------------------------------ plain PyTorch
+def loader_pass(
+    work: Workload,
+    epoch: int,
+    key: str,
+    loader: Iterable,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    backward: Callable[[torch.Tensor], None],
+    clock: StepClock,
+    show: bool,
+    device: str | None = None,
+) -> torch.Tensor:
+    """One loader of the hand-written loop; returns the float64 sums loss*n, correct, n (on
+    `device`, or the CPU). Batches are moved to `device` when given (frameworks that own the
+    loader move them themselves)."""
+    from tqdm.auto import tqdm
+
+    training = key.startswith("train")
+    model.train(training)
+    criterion = nn.CrossEntropyLoss()
+    # float64 sums on the device: loss*samples, correct, samples (no host sync per batch)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    steps = len(loader)  # type: ignore[arg-type]
+    bar = tqdm(
+        total=steps,
+        desc=f"{epoch}/{work.epochs} * Epoch ({key})",
+        leave=True,
+        dynamic_ncols=True,
+        disable=not show,
+    )
+    last_refresh = 0.0
+    with torch.set_grad_enabled(training):
+        if training:
+            clock.start()
+        for step, (x, y) in enumerate(loader, 1):
+            if device is not None:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x)
+            loss = criterion(logits, y)
+            if training:
+                backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                correct = logits.argmax(dim=1).eq(y).sum()
+                accuracy = correct / y.shape[0]  # accuracy of every batch, no host read
+                sums[0] += loss.detach() * y.shape[0]
+                sums[1] += correct
+                sums[2] += y.shape[0]
+            bar.update(1)
+            now = time.monotonic()
+            if now - last_refresh >= 0.5 and show:
+                last_refresh = now
+                postfix = {"loss": f"{float(loss):.4g}", "acc": f"{float(accuracy):.4g}"}
+                bar.set_postfix(postfix, refresh=True)
+            if training:
+                clock.end(step == steps)
+    bar.close()
+    if training:
+        clock.stop()
+    return sums
+
+
+def means(sums: torch.Tensor) -> dict[str, float]:
+    """`loss` and `accuracy01` from `loader_pass`'s sums (one host read per loader)."""
+    return {"loss": (sums[0] / sums[2]).item(), "accuracy01": (sums[1] / sums[2]).item()}
+
+
 def plain_train(
     work: Workload,
     model_name: str,
@@ -152,13 +280,9 @@ def plain_train(
     device: str = "cpu",
     pause: Callable[[], None] | None = None,
 ) -> RunResult:
-    """The hand-written loop (single process, or DDP in a launched process group).
-
-    `pause`, when given, is called after every train step (lockstep runs: it may hand the CPU
-    to the other side); the time spent in it is left out of the step times."""
-    from tqdm.auto import tqdm
-
-    wall_start = time.perf_counter()
+    """The hand-written loop (single process, or DDP in a launched process group); `pause` as
+    in `StepClock`."""
+    clock = StepClock(pause)
     logdir = Path(logdir)
     (logdir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (logdir / "logs").mkdir(parents=True, exist_ok=True)
@@ -179,74 +303,19 @@ def plain_train(
     torch.manual_seed(work.seed)
     model = make_model(model_name, work.features, work.classes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=work.lr)
-    net: nn.Module = model
-    if ddp:
-        net = nn.parallel.DistributedDataParallel(model)
-    criterion = nn.CrossEntropyLoss()
+    net: nn.Module = nn.parallel.DistributedDataParallel(model) if ddp else model
     best = float("inf")
-    train_time, train_steps, train_cpu = 0.0, 0, 0.0
-    intervals: list[float] = []
-    first_step: float | None = None
     metrics: dict[str, float] = {}
     for epoch in range(1, work.epochs + 1):
         for key, loader in loaders.items():
-            training = key.startswith("train")
-            net.train(training)
             if ddp:
                 loader.sampler.set_epoch(epoch)
-            # float64 sums on the device: loss*samples, correct, samples (no host sync per batch)
-            sums = torch.zeros(3, dtype=torch.float64, device=device)
-            bar = tqdm(
-                total=len(loader),
-                desc=f"{epoch}/{work.epochs} * Epoch ({key})",
-                leave=True,
-                dynamic_ncols=True,
-                disable=rank != 0,
+            sums = loader_pass(
+                work, epoch, key, loader, net, optimizer, _backward, clock, rank == 0, device
             )
-            last_refresh = 0.0
-            ends: list[float] = []
-            paused = 0.0
-            with torch.set_grad_enabled(training):
-                cpu_start = time.process_time()
-                start = time.perf_counter()
-                for x, y in loader:
-                    if first_step is None and training:
-                        first_step = time.time()
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    logits = net(x)
-                    loss = criterion(logits, y)
-                    if training:
-                        loss.backward()
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    with torch.no_grad():
-                        correct = logits.argmax(dim=1).eq(y).sum()
-                        accuracy = correct / y.shape[0]  # accuracy of every batch, on device
-                        sums[0] += loss.detach() * y.shape[0]
-                        sums[1] += correct
-                        sums[2] += y.shape[0]
-                    bar.update(1)
-                    now = time.monotonic()
-                    if now - last_refresh >= 0.5 and rank == 0:
-                        last_refresh = now
-                        postfix = {"loss": f"{float(loss):.4g}", "acc": f"{float(accuracy):.4g}"}
-                        bar.set_postfix(postfix, refresh=True)
-                    ends.append(time.perf_counter() - paused)
-                    if pause is not None and training:
-                        before = time.perf_counter()
-                        pause()
-                        paused += time.perf_counter() - before
-                cpu_end = time.process_time()
-            bar.close()
-            if training:
-                train_cpu += cpu_end - cpu_start
-                train_time += ends[-1] - start
-                train_steps += len(ends)
-                intervals += _intervals(start, ends)
             if ddp:
                 dist.all_reduce(sums)
-            loss_mean, acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
-            metrics = {"loss": loss_mean, "accuracy01": acc}
+            metrics = means(sums)
             if rank == 0:
                 _append_csv(logdir / "logs" / f"{key}.csv", epoch, metrics)
         if rank == 0:
@@ -260,16 +329,11 @@ def plain_train(
             if metrics["loss"] < best:
                 best = metrics["loss"]
                 torch.save(state, logdir / "checkpoints" / "best.pth")
-    return RunResult(
-        step_s=train_time / max(train_steps, 1),
-        step_median_s=median(intervals),
-        cpu_step_s=train_cpu / max(train_steps, 1),
-        wall_s=time.perf_counter() - wall_start,
-        steps=train_steps,
-        first_step_time=first_step or 0.0,
-        valid_loss=metrics["loss"],
-        valid_accuracy=metrics["accuracy01"],
-    )
+    return clock.result(metrics["loss"], metrics["accuracy01"])
+
+
+def _backward(loss: torch.Tensor) -> None:
+    loss.backward()
 
 
 def _append_csv(path: Path, step: int, row: dict[str, float]) -> None:
@@ -294,8 +358,8 @@ def ddprun_train(
     `pause` as in `plain_train`."""
     from ddprun import dl
 
-    wall_start = time.perf_counter()
-    probe = _probe_callback(dl)(pause)
+    clock = StepClock(pause)
+    probe = _probe_callback(dl)(clock)
     loaders = make_loaders(work, make_data(work))
     torch.manual_seed(work.seed)
     model = make_model(model_name, work.features, work.classes)
@@ -327,17 +391,9 @@ def ddprun_train(
         seed=work.seed,
         num_epochs=work.epochs,
     )
-    wall = time.perf_counter() - wall_start
     valid = runner.epoch_metrics.get("valid", {})
-    return RunResult(
-        step_s=probe.train_time / max(probe.train_steps, 1),
-        step_median_s=median(probe.intervals),
-        cpu_step_s=probe.train_cpu / max(probe.train_steps, 1),
-        wall_s=wall,
-        steps=probe.train_steps,
-        first_step_time=probe.first_step or 0.0,
-        valid_loss=float(valid.get("loss", float("nan"))),
-        valid_accuracy=float(valid.get("accuracy01", float("nan"))),
+    return clock.result(
+        float(valid.get("loss", float("nan"))), float(valid.get("accuracy01", float("nan")))
     )
 
 
@@ -357,47 +413,26 @@ def _runner_class(dl: Any) -> type:
 
 
 def _probe_callback(dl: Any) -> type:
-    """A callback that runs last at loader start and last at batch end: train time per step
-    measured at the points the hand-written loop measures."""
+    """A callback that runs last at loader start and last at batch end: a `StepClock` driven
+    at the points the hand-written loop drives it."""
     if "probe" not in _CLASSES:
 
         class StepProbe(dl.Callback):
-            def __init__(self, pause: Callable[[], None] | None = None) -> None:
+            def __init__(self, clock: StepClock) -> None:
                 super().__init__(order=10_000)
-                self._pause = pause
-                self._paused = 0.0
-                self.train_time = self.train_cpu = 0.0
-                self.train_steps = 0
-                self.intervals: list[float] = []
-                self.first_step: float | None = None
-                self._start = 0.0
-                self._ends: list[float] = []
+                self.clock = clock
 
             def on_loader_start(self, runner: Any) -> None:
-                self._ends = []
-                self._paused = 0.0
-                self._cpu_start = time.process_time()
-                self._start = time.perf_counter()
-
-            def on_batch_start(self, runner: Any) -> None:
-                if self.first_step is None and runner.is_train_loader:
-                    self.first_step = time.time()
+                if runner.is_train_loader:
+                    self.clock.start()
 
             def on_batch_end(self, runner: Any) -> None:
-                self._ends.append(time.perf_counter() - self._paused)
-                if runner.loader_batch_step == runner.loader_batch_len:
-                    self._cpu_end = time.process_time()
-                if self._pause is not None and runner.is_train_loader:
-                    before = time.perf_counter()
-                    self._pause()
-                    self._paused += time.perf_counter() - before
+                if runner.is_train_loader:
+                    self.clock.end(runner.loader_batch_step == runner.loader_batch_len)
 
             def on_loader_end(self, runner: Any) -> None:
-                if runner.is_train_loader and self._ends:
-                    self.train_cpu += self._cpu_end - self._cpu_start
-                    self.train_time += self._ends[-1] - self._start
-                    self.train_steps += len(self._ends)
-                    self.intervals += _intervals(self._start, self._ends)
+                if runner.is_train_loader:
+                    self.clock.stop()
 
         _CLASSES["probe"] = StepProbe
     return _CLASSES["probe"]

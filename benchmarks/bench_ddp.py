@@ -10,8 +10,8 @@ Runs, alternately and in rotating order, for each model:
 
 and reports the train time per step (rank 0), the whole-process wall time (just before Popen to
 exit), the launcher's own CPU time (the agent process alone, not its workers) and the start-up
-time (just before Popen to the script's first training step, which the script stamps with
-time.time()).
+time (just before Popen to the moment the script is about to fetch its first training batch,
+stamped with time.time() by `bench_common.StepClock`).
 
 Then, per model, `--lockstep-pairs` pairs of launches of ``ddprun --nproc 2`` with the worker
 script in ``lockstep`` mode: the hand-written loop and the Runner in one process group, taking

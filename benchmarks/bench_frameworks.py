@@ -25,7 +25,7 @@ import importlib
 import importlib.util
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,117 +59,6 @@ def available() -> dict[str, str]:
     return found
 
 
-class StepClock:
-    """Train-step timing at the plain loop's points: `start()` just before the first batch of a
-    train loader is fetched, `end(last)` at the end of every train batch, `stop()` after it."""
-
-    def __init__(self) -> None:
-        self.wall_start = time.perf_counter()
-        self.intervals: list[float] = []
-        self.time = self.cpu = 0.0
-        self.steps = 0
-        # time.time() at the first train step; taken at the loader start, so that no framework
-        # pays an extra per-batch hook for it (only DDP start-up benchmarks read it)
-        self.first_step: float | None = None
-        self._start = self._cpu_start = self._cpu_end = 0.0
-        self._ends: list[float] = []
-
-    def start(self) -> None:
-        if self.first_step is None:
-            self.first_step = time.time()
-        self._ends = []
-        self._cpu_start = time.process_time()
-        self._start = time.perf_counter()
-
-    def end(self, last: bool = False) -> None:
-        self._ends.append(time.perf_counter())
-        if last:  # process CPU time only at the loader's last batch: one syscall per epoch
-            self._cpu_end = time.process_time()
-
-    def stop(self) -> None:
-        if self._ends:
-            self.cpu += self._cpu_end - self._cpu_start
-            self.time += self._ends[-1] - self._start
-            self.steps += len(self._ends)
-            self.intervals += bc._intervals(self._start, self._ends)
-            self._ends = []
-
-    def result(self, valid_loss: float, valid_accuracy: float) -> bc.RunResult:
-        return bc.RunResult(
-            step_s=self.time / max(self.steps, 1),
-            step_median_s=bc.median(self.intervals),
-            cpu_step_s=self.cpu / max(self.steps, 1),
-            wall_s=time.perf_counter() - self.wall_start,
-            steps=self.steps,
-            first_step_time=self.first_step or 0.0,
-            valid_loss=valid_loss,
-            valid_accuracy=valid_accuracy,
-        )
-
-
-def _loader_pass(
-    work: bc.Workload,
-    epoch: int,
-    key: str,
-    loader: Iterable,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    backward: Callable[[torch.Tensor], None],
-    clock: StepClock,
-    show: bool,
-) -> torch.Tensor:
-    """One loader of the plain loop (bench_common.plain_train) for the frameworks that leave
-    the loop to the user (Fabric, Accelerate); returns the float64 sums loss*n, correct, n.
-    The framework's loader already puts batches on its device."""
-    from tqdm.auto import tqdm
-
-    training = key.startswith("train")
-    model.train(training)
-    criterion = nn.CrossEntropyLoss()
-    sums = torch.zeros(3, dtype=torch.float64)
-    steps = len(loader)  # type: ignore[arg-type]
-    bar = tqdm(
-        total=steps,
-        desc=f"{epoch}/{work.epochs} * Epoch ({key})",
-        leave=True,
-        dynamic_ncols=True,
-        disable=not show,
-    )
-    last_refresh = 0.0
-    with torch.set_grad_enabled(training):
-        if training:
-            clock.start()
-        for step, (x, y) in enumerate(loader, 1):
-            logits = model(x)
-            loss = criterion(logits, y)
-            if training:
-                backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                correct = logits.argmax(dim=1).eq(y).sum()
-                accuracy = correct / y.shape[0]  # accuracy of every batch, no host read
-                sums[0] += loss.detach() * y.shape[0]
-                sums[1] += correct
-                sums[2] += y.shape[0]
-            bar.update(1)
-            now = time.monotonic()
-            if now - last_refresh >= 0.5 and show:
-                last_refresh = now
-                postfix = {"loss": f"{float(loss):.4g}", "acc": f"{float(accuracy):.4g}"}
-                bar.set_postfix(postfix, refresh=True)
-            if training:
-                clock.end(step == steps)
-    bar.close()
-    if training:
-        clock.stop()
-    return sums
-
-
-def _means(sums: torch.Tensor) -> dict[str, float]:
-    return {"loss": (sums[0] / sums[2]).item(), "accuracy01": (sums[1] / sums[2]).item()}
-
-
 # --------------------------------------------------------------------- Lightning
 def lightning_train(work: bc.Workload, model_name: str, logdir: Path, module: str) -> bc.RunResult:
     """LightningModule + Trainer: CSVLogger, ModelCheckpoint (last and best), TQDM bar.
@@ -177,7 +66,7 @@ def lightning_train(work: bc.Workload, model_name: str, logdir: Path, module: st
     The shuffle differs from the plain loop's from the second epoch on (same work per step):
     Lightning ends an epoch by the loader's length without exhausting its iterator, so
     RandomSampler skips a trailing draw from the shared generator that the other loops make."""
-    clock = StepClock()
+    clock = bc.StepClock()
     pl = importlib.import_module("lightning.pytorch" if module == "lightning" else module)
     loggers = importlib.import_module(f"{pl.__name__}.loggers")
     callbacks = importlib.import_module(f"{pl.__name__}.callbacks")
@@ -260,7 +149,7 @@ def lightning_train(work: bc.Workload, model_name: str, logdir: Path, module: st
 # ------------------------------------------------------------------------ Fabric
 def fabric_train(work: bc.Workload, model_name: str, logdir: Path, module: str) -> bc.RunResult:
     """The plain loop through Fabric: setup, setup_dataloaders, backward, log_dict, save."""
-    clock = StepClock()
+    clock = bc.StepClock()
     fabric_module = importlib.import_module(module)
     loggers = importlib.import_module(f"{module}.loggers")
 
@@ -279,7 +168,7 @@ def fabric_train(work: bc.Workload, model_name: str, logdir: Path, module: str) 
     for epoch in range(1, work.epochs + 1):
         row: dict[str, float] = {}
         for key, loader in (("train", train), ("valid", valid)):
-            sums = _loader_pass(
+            sums = bc.loader_pass(
                 work,
                 epoch,
                 key,
@@ -290,7 +179,7 @@ def fabric_train(work: bc.Workload, model_name: str, logdir: Path, module: str) 
                 clock,
                 show=fabric.is_global_zero,
             )
-            metrics = _means(fabric.all_reduce(sums, reduce_op="sum"))
+            metrics = bc.means(fabric.all_reduce(sums, reduce_op="sum"))
             row.update({f"{key}_{name}": value for name, value in metrics.items()})
         fabric.log_dict(row, step=epoch)
         state = {"model": model, "optimizer": optimizer, "epoch": epoch, "metrics": metrics}
@@ -307,7 +196,7 @@ def accelerate_train(work: bc.Workload, model_name: str, logdir: Path, module: s
     by hand, as Accelerate's trackers offer no CSV writer."""
     from accelerate import Accelerator
 
-    clock = StepClock()
+    clock = bc.StepClock()
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(work.seed)
     model = bc.make_model(model_name, work.features, work.classes)
@@ -321,7 +210,7 @@ def accelerate_train(work: bc.Workload, model_name: str, logdir: Path, module: s
     metrics: dict[str, float] = {}
     for epoch in range(1, work.epochs + 1):
         for key, loader in (("train", train), ("valid", valid)):
-            sums = _loader_pass(
+            sums = bc.loader_pass(
                 work,
                 epoch,
                 key,
@@ -332,7 +221,7 @@ def accelerate_train(work: bc.Workload, model_name: str, logdir: Path, module: s
                 clock,
                 show=accelerator.is_local_main_process,
             )
-            metrics = _means(accelerator.reduce(sums, reduction="sum"))
+            metrics = bc.means(accelerator.reduce(sums, reduction="sum"))
             if accelerator.is_main_process:
                 bc._append_csv(logdir / "logs" / f"{key}.csv", epoch, metrics)
         accelerator.save_state(str(logdir / "checkpoints" / "last"))
@@ -355,7 +244,7 @@ def ignite_train(work: bc.Workload, model_name: str, logdir: Path, module: str) 
     except ImportError:  # older ignite
         from ignite.contrib.handlers import ProgressBar
 
-    clock = StepClock()
+    clock = bc.StepClock()
     torch.manual_seed(work.seed)
     model = bc.make_model(model_name, work.features, work.classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=work.lr)
