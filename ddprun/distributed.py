@@ -1,4 +1,4 @@
-"""Rank and world helpers, process-group lifecycle, parent-death signal and a safe process exit.
+"""Rank and world helpers, process-group lifecycle, parent-death signal, the launcher's exit.
 
 The DDP engine, the launcher's worker wrapper and user code share these helpers. The module
 imports nothing heavy at import time (torch is imported inside the functions that need it), so
@@ -16,12 +16,11 @@ import signal
 import socket
 import sys
 import threading
-import time
-import warnings
 from typing import Any, NoReturn
 
 __all__ = [
     "LAUNCH_ENV_VARS",
+    "cuda_index",
     "exit_process",
     "find_free_port",
     "get_local_rank",
@@ -40,10 +39,6 @@ LAUNCH_ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PO
 
 # From <linux/prctl.h>; PR_SET_PDEATHSIG is 1 on every Linux architecture.
 _PR_SET_PDEATHSIG = 1
-
-# How long shutdown gives the backend's worker threads to drop their last finished work
-# objects while the interpreter is still fully alive (see `shutdown_process_group`).
-_BACKEND_DRAIN_SECONDS = 0.05
 
 
 def _dist() -> Any:
@@ -146,7 +141,9 @@ def init_process_group(
     """Join the default process group described by the launcher's environment (env://).
 
     Does nothing if a default group already exists. With a CUDA backend the current device is
-    set to `cuda:LOCAL_RANK` first, so collectives and DDP use the rank's own GPU.
+    set to `cuda:LOCAL_RANK` first, so collectives and DDP use the rank's own GPU. A process may
+    join again after `shutdown_process_group` (a second ``train``, inference after training):
+    every join after the first rendezvous under its own store prefix.
 
     Args:
         backend: "gloo", "nccl", ...; default: DDPRUN_BACKEND, else nccl with CUDA, else gloo.
@@ -162,68 +159,89 @@ def init_process_group(
         return
     backend = backend or _default_backend()
     if "nccl" in backend and torch.cuda.is_available():
-        torch.cuda.set_device(get_local_rank())
+        torch.cuda.set_device(cuda_index(get_local_rank()))
+        # NCCL's watchdog would abort the process on a collective timeout (its default), so
+        # no rank could say who stopped answering; mode 2 aborts the communicators and lets
+        # the timeout raise in Python, where the engine names the silent ranks.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     if timeout is not None:
         kwargs["timeout"] = timeout
     kwargs.setdefault("init_method", "env://")
+    from ddprun.process_exit import import_group_default_users
+
+    import_group_default_users()  # else DDP's first use keeps this group alive until exit
+    if _JOINS[0] and kwargs["init_method"] == "env://" and "store" not in kwargs:
+        kwargs.update(_rejoin_store(_JOINS[0], timeout))
     dist.init_process_group(backend=backend, **kwargs)
+    _JOINS[0] += 1
 
 
-def _barrier_with_timeout(timeout: datetime.timedelta) -> bool:
-    """Wait until every rank reaches this point, or until `timeout`; True if all arrived."""
+#: Default groups this process has joined (every rank joins the same sequence of groups).
+_JOINS = [0]
+
+
+def _rejoin_store(joins: int, timeout: datetime.timedelta | None) -> dict[str, Any]:
+    """Store arguments for joining again: a fresh env:// rendezvous under a new key prefix.
+
+    torch names groups from 0 again once the default group is destroyed, and the launcher
+    agent's store outlives the group, so a plain second env:// join reads the previous group's
+    gloo addresses ("Connection refused", seen on the 2nd or 3rd join under ddprun).
+    """
     dist = _dist()
-    try:
-        work = dist.barrier(async_op=True)
-        work.wait(timeout)
-    except Exception as exc:  # a dead peer or a timeout must not stop our own teardown
-        warnings.warn(f"ddprun: barrier before shutdown failed: {exc}", stacklevel=3)
-        return False
-    return True
+    rendezvous_kwargs = {} if timeout is None else {"timeout": timeout}
+    store, rank, world_size = next(dist.rendezvous("env://", **rendezvous_kwargs))
+    prefix = dist.PrefixStore(f"ddprun/join{joins}/", store)
+    return {"init_method": None, "store": prefix, "rank": rank, "world_size": world_size}
+
+
+def cuda_index(local_rank: int, device_count: int | None = None) -> int:
+    """The CUDA device this process computes on.
+
+    One GPU visible per process (``CUDA_VISIBLE_DEVICES`` narrowed per task, as SLURM's
+    ``--gpus-per-task`` and Kubernetes do): device 0, whatever the local rank. At least as many
+    GPUs as the local rank needs: ``cuda:LOCAL_RANK``. Fewer, but more than one: an error.
+
+    Args:
+        local_rank: this process's LOCAL_RANK.
+        device_count: visible CUDA devices (default: torch's count).
+    """
+    if device_count is None:
+        import torch
+
+        device_count = torch.cuda.device_count()
+    if device_count == 1:
+        return 0
+    if 0 <= local_rank < device_count:
+        return local_rank
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+    raise RuntimeError(
+        f"LOCAL_RANK {local_rank} has no GPU of its own: {device_count} visible "
+        f"(CUDA_VISIBLE_DEVICES={visible}); start at most {device_count} processes per node, "
+        "or give each process one GPU"
+    )
 
 
 def shutdown_process_group(
-    timeout: datetime.timedelta = datetime.timedelta(seconds=60),
+    timeout: datetime.timedelta | None = datetime.timedelta(seconds=60),
 ) -> bool:
-    """Tear the default process group down so that the process can exit cleanly.
+    """Tear the default process group down after a successful run; safe to call again.
 
-    Finding (torch 2.13, gloo, 2-rank jobs under torchrun on a 2-core box): a script that ends
-    right after its last collective died with "terminate called without an active exception"
-    (SIGABRT) in 5/25 runs (DDP model, no `destroy_process_group()`), 7/25 (DDP, with it) and
-    10/30 (three plain all-reduces). A core dump shows why: the gloo worker thread that ran the
-    last all-reduce drops its reference to the finished work object after the caller has
-    already been woken; the work holds tensors that own Python objects, so the thread must take
-    the GIL to decref them. If
-    the main thread has meanwhile reached interpreter finalization, CPython makes that thread
-    exit inside `take_gil` (pthread_exit), the forced unwind hits a noexcept C++ destructor
-    (`~AsyncWork`) and libstdc++ calls std::terminate. `destroy_process_group()` does not help:
-    a DDP model keeps the C++ group, and so its threads, alive until finalization. (The same
-    race is reported upstream: pytorch/pytorch#190489, PR #179291 abandoned.)
-
-    Recipe used here:
-    1. a barrier with a timeout, so no peer is still talking to us (a dead peer only warns);
-    2. `destroy_process_group()`;
-    3. a short sleep that releases the GIL, so backend threads can drop finished work while
-       the interpreter is alive.
-
-    With this recipe the same jobs under torchrun exited 0 in 30/30 (all-reduces) and 25/25
-    (DDP) runs. Step 3 narrows the race but cannot close it (a descheduled thread may wake
-    later), so the guarantee comes from `exit_process`, which ddprun's worker wrapper uses
-    after the script returns: it never enters interpreter finalization, where the abort
-    happens (DDP script without any teardown through ddprun: 25/25 runs exited 0).
+    A barrier (at most `timeout`; a dead peer or a timeout only warns), then the group is
+    destroyed without racing gloo's worker threads: see `ddprun.process_exit`, which explains
+    the exit-time abort ("terminate called without an active exception") this avoids and
+    also runs this teardown when a ddprun worker exits.
 
     Args:
-        timeout: how long the barrier waits for the other ranks.
+        timeout: how long the barrier waits for the other ranks; None: the group's timeout.
 
     Returns:
         True if a group existed and was destroyed, False if there was nothing to do.
     """
     if not _is_initialized():
         return False
-    dist = _dist()
-    _barrier_with_timeout(timeout)
-    dist.destroy_process_group()
-    time.sleep(_BACKEND_DRAIN_SECONDS)
-    return True
+    from ddprun.process_exit import release_process_groups
+
+    return release_process_groups(wait_for_peers=True, timeout=timeout)
 
 
 def _flush_std_streams() -> None:
@@ -252,14 +270,13 @@ def _join_user_threads() -> None:
 
 
 def exit_process(status: int, run_exit_handlers: bool | None = None) -> NoReturn:
-    """Leave the process with `status` without entering interpreter finalization.
+    """Leave a process that holds no process group (the launcher) without finalization.
 
-    On success (status 0) the normal exit steps that matter run first: non-daemon threads are
-    joined, `atexit` handlers run (logging.shutdown, user handlers), stdio is flushed. On
-    failure they are skipped by default, because a handler that tears down a live process
-    group can block forever while a peer is gone. Then `os._exit` ends the process, so no
-    C++ destructor of a live process group runs and no backend thread is killed mid-unwind
-    (see `shutdown_process_group` for the abort this avoids).
+    Workers do not use this: they exit normally through `ddprun.process_exit`, so that exit
+    handlers run and open files are flushed on failure too. The launcher uses it once every
+    worker is gone, to skip the ~0.5 s that finalizing torch costs. On success (status 0) the
+    exit steps that matter run first: non-daemon threads are joined, `atexit` handlers run,
+    logging and stdio are flushed; then `os._exit` ends the process.
 
     Args:
         status: the exit status.

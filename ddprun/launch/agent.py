@@ -5,20 +5,8 @@ main thread), which starts the workers, polls them every `monitor_interval`, sto
 one fails, restarts the group up to `max_restarts` times, and on SIGINT, SIGTERM, SIGHUP, SIGQUIT
 or SIGUSR1 forwards the signal to every worker, waits `shutdown_timeout` seconds, then SIGKILLs.
 
-Output. Every worker's stdout and stderr are redirected by the agent (Std.ALL) into its
-per-attempt files (``<logdir>/elastic/<run id>_*/attempt_<k>/<local rank>/std{out,err}.log``).
-`RankLogsSpecs`, a `DefaultLogsSpecs` subclass, learns each attempt's files and global ranks when
-the agent asks for them and starts torch's own `TailLog` followers, the machinery behind
-torchrun's ``--tee``:
-
-- both streams of global rank N are appended, live, to ``<logdir>/ranks/rank<N>.log``; the file
-  is opened in append mode at every attempt, so a restarted run keeps all attempts' output;
-- rank 0's streams are copied to the console unprefixed; with ``--tee`` every rank's are, each
-  line prefixed ``[rank<N>]:``.
-
-This is used instead of the agent's own tee + `local_ranks_filter` because that prefixes rank
-0's console lines with ``[default0]:`` and writes per-attempt files only (copying them into
-rank<N>.log after each attempt would leave the rank logs empty while a run is in progress).
+Output (rank logs, console, ptys) is `ddprun.launch.console`'s job; which rank failed first
+and the summary are `ddprun.launch.failures`'.
 """
 
 from __future__ import annotations
@@ -29,21 +17,15 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
-import threading
-import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, TextIO
+from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import torch.distributed.launcher.api as _launcher_api
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
-from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
-from torch.distributed.elastic.multiprocessing.api import LogsDest
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
-from torch.distributed.elastic.multiprocessing.tail_log import TailLog
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous import (
     RendezvousConnectionError,
     RendezvousError,
@@ -56,6 +38,8 @@ from torch.distributed.elastic.rendezvous import (
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from ddprun.launch.cli import NODE_RANK_CONFIG, RDZV_BACKEND, LaunchSettings
+from ddprun.launch.console import RankLogMirror, RankLogsSpecs
+from ddprun.launch.failures import choose_root_failure, report_child_failure, restart_reason
 
 __all__ = [
     "RankLogMirror",
@@ -67,114 +51,9 @@ __all__ = [
     "worker_command",
 ]
 
-_SUMMARY_TAIL_LINES = 15
-# How often the log followers look for new output: console latency vs. idle wake-ups.
-_TAIL_INTERVAL_SECONDS = 0.05
 _LEFTOVER_WAIT_SECONDS = 5.0
 #: The job-wide restart count every worker sees (see `FreshWorkerStoreRendezvous`).
 RESTART_COUNT_ENV = "DDPRUN_RESTART_COUNT"
-
-
-class _LineSink:
-    """A text sink shared by `TailLog` threads: one lock, flushed after every write."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._lock = threading.Lock()
-
-    def write(self, text: str) -> int:
-        with self._lock:
-            self._stream.write(text)
-            self._stream.flush()
-        return len(text)
-
-    def flush(self) -> None:
-        with self._lock:
-            self._stream.flush()
-
-
-class RankLogMirror:
-    """Follows each attempt's per-worker files into rank<N>.log and the console."""
-
-    def __init__(self, ranks_dir: str, tee_all: bool, max_restarts: int) -> None:
-        self.ranks_dir = ranks_dir
-        self.group_rank = 0
-        self._tee_all = tee_all
-        self._max_restarts = max_restarts
-        self._tails: list[TailLog] = []
-        self._files: list[TextIO] = []
-        self._console_out = _LineSink(sys.stdout)
-        self._console_err = _LineSink(sys.stderr)
-
-    def rank_log(self, rank: int) -> str:
-        """Path of global rank `rank`'s log file."""
-        return os.path.join(self.ranks_dir, f"rank{rank}.log")
-
-    def start_attempt(self, envs: Mapping[int, Mapping[str, str]], dest: LogsDest) -> None:
-        """Stop following the previous attempt and follow the workers about to start."""
-        self.close()
-        if not envs:
-            return
-        restart = int(envs[0].get("TORCHELASTIC_RESTART_COUNT", "0"))
-        self.group_rank = int(envs[0].get("GROUP_RANK", "0"))
-        if restart > 0:
-            print(
-                f"ddprun: workers failed; restarting all of them (restart {restart} of "
-                f"{self._max_restarts}); see {self.ranks_dir}",
-                file=sys.stderr,
-                flush=True,
-            )
-        for local_rank, env in sorted(envs.items()):
-            self._follow_rank(int(env["RANK"]), local_rank, restart, dest)
-
-    def _follow_rank(self, rank: int, local_rank: int, restart: int, dest: LogsDest) -> None:
-        stdout, stderr = dest.stdouts[local_rank], dest.stderrs[local_rank]
-        log = open(self.rank_log(rank), "a", encoding="utf-8", errors="replace")  # noqa: SIM115
-        self._files.append(log)
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        log.write(
-            f"===== ddprun attempt {restart}: rank {rank}, local rank {local_rank}, "
-            f"node {self.group_rank}, {stamp} =====\n"
-        )
-        log.flush()
-        self._tail(f"rank{rank}", {0: stdout, 1: stderr}, _LineSink(log), "")
-        if rank == 0 or self._tee_all:
-            prefix = f"[rank{rank}]: " if self._tee_all else ""
-            self._tail(f"out{rank}", {0: stdout}, self._console_out, prefix)
-            self._tail(f"err{rank}", {0: stderr}, self._console_err, prefix)
-
-    def _tail(self, name: str, files: dict[int, str], sink: _LineSink, prefix: str) -> None:
-        prefixes = dict.fromkeys(files, prefix)
-        tail = TailLog(name, files, sink, prefixes, _TAIL_INTERVAL_SECONDS)  # type: ignore[arg-type]
-        self._tails.append(tail.start())
-
-    def close(self) -> None:
-        """Copy what is left in the followed files, then stop. Call once workers are gone."""
-        # Each stop() waits for its followers' next poll; stopping them together waits once.
-        stoppers = [threading.Thread(target=tail.stop) for tail in self._tails]
-        for stopper in stoppers:
-            stopper.start()
-        for stopper in stoppers:
-            stopper.join()
-        for log in self._files:
-            log.close()
-        self._tails.clear()
-        self._files.clear()
-
-
-class RankLogsSpecs(DefaultLogsSpecs):
-    """torch's default per-attempt layout, plus a `RankLogMirror` started for each attempt."""
-
-    def __init__(self, log_dir: str, mirror: RankLogMirror) -> None:
-        super().__init__(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE)
-        self._mirror = mirror
-
-    def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
-        """Build the attempt's file layout (torch), then start following it (ddprun)."""
-        self._mirror.close()  # the previous attempt's workers are gone; torch may wipe its dir
-        dest = super().reify(envs)
-        self._mirror.start_attempt(envs, dest)
-        return dest
 
 
 class FreshWorkerStoreRendezvous(RendezvousHandler):
@@ -321,9 +200,14 @@ def build_launch_config(settings: LaunchSettings, logs_specs: DefaultLogsSpecs) 
 
 
 def worker_command(settings: LaunchSettings) -> tuple[str, list[str]]:
-    """The program and arguments the agent starts for every worker."""
+    """The program and arguments the agent starts for every worker.
+
+    With --no-python the program itself, as torchrun does: ddprun's wrapper is Python.
+    """
     mode = "module" if settings.is_module else "script"
     args = ["-u", "-m", "ddprun.launch.worker", mode, settings.entrypoint, *settings.script_args]
+    if settings.no_python:
+        return settings.entrypoint, [arg.replace("$", "$$") for arg in settings.script_args]
     # The agent expands ${local_rank} in arguments with string.Template, which also turns "$$"
     # into "$"; doubling every "$" hands the script its arguments unchanged.
     return sys.executable, [arg.replace("$", "$$") for arg in args]
@@ -336,84 +220,6 @@ def _export_worker_env(settings: LaunchSettings) -> None:
     os.environ["DDPRUN_AGENT_PID"] = str(os.getpid())
     if settings.backend:
         os.environ["DDPRUN_BACKEND"] = settings.backend
-
-
-@dataclass(frozen=True)
-class FailureView:
-    """One failed worker as the summary sees it."""
-
-    rank: int
-    local_rank: int
-    exitcode: int
-    order: int
-    message: str
-    traceback: str
-    extra: dict[str, Any]
-    time: float
-
-    @property
-    def collateral(self) -> bool:
-        """True when this rank most likely failed because another one did."""
-        killed_by_agent = not self.traceback and self.exitcode == -signal.SIGTERM
-        return bool(self.extra.get("collateral")) or killed_by_agent
-
-
-def _view(rank: int, failure: ProcessFailure, order: int) -> FailureView:
-    message, traceback, extra = "", "", {}
-    if isinstance(failure.message, dict):
-        message = str(failure.message.get("message", ""))
-        info = failure.message.get("extraInfo", {})
-        traceback = str(info.get("py_callstack", ""))
-        extra = dict(info.get("ddprun", {}))
-    elif failure.error_file_data:
-        message = str(failure.message)
-    when = float(extra.get("time", failure.timestamp))
-    return FailureView(
-        rank, failure.local_rank, failure.exitcode, order, message, traceback, extra, when
-    )
-
-
-def choose_root_failure(failures: Mapping[int, ProcessFailure]) -> FailureView:
-    """Pick the root cause: not an echo of another failure, earliest, first detected.
-
-    torch's own choice compares whole-second timestamps, so a rank that failed because its
-    peer died often ties with, and can win over, the real culprit.
-    """
-    views = [_view(rank, failure, order) for order, (rank, failure) in enumerate(failures.items())]
-    return min(views, key=lambda view: (view.collateral, view.time, view.order))
-
-
-def _tail_lines(path: str, count: int) -> list[str]:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fp:
-            return [line.rstrip("\n") for line in fp.readlines()[-count:]]
-    except OSError:
-        return []
-
-
-def format_failure_summary(root: FailureView, mirror: RankLogMirror, on_console: bool) -> str:
-    """The one message the launcher prints when workers failed."""
-    node = root.extra.get("group_rank") or mirror.group_rank
-    host = root.extra.get("host") or socket.gethostname()
-    # "local_rank: N", not "local rank N": the failing rank is named exactly once.
-    who = f"rank {root.rank} (local_rank: {root.local_rank}, node: {node}, host: {host})"
-    if root.exitcode < 0:
-        name = (
-            signal.Signals(-root.exitcode).name if -root.exitcode in signal.valid_signals() else "?"
-        )
-        lines = [f"ddprun: {who} was killed by {name} (exit code {root.exitcode})"]
-    else:
-        lines = [f"ddprun: {who} failed with exit code {root.exitcode}"]
-    if root.traceback and on_console:
-        lines.append(f"{root.message}  (traceback above)")
-    elif root.traceback:
-        lines.append(root.traceback.rstrip("\n"))
-    elif not on_console:
-        log = mirror.rank_log(root.rank)
-        lines.append(f"last lines of {log}:")
-        lines.extend("  " + line for line in _tail_lines(log, _SUMMARY_TAIL_LINES))
-    lines.append(f"ddprun: every rank's output: {mirror.ranks_dir}{os.sep}rank<N>.log")
-    return "\n".join(lines)
 
 
 def _quiet_torch_logging() -> None:
@@ -475,24 +281,6 @@ def _kill_leftover_workers() -> None:
     psutil.wait_procs(workers, timeout=_LEFTOVER_WAIT_SECONDS)
 
 
-#: Exit statuses of workers the runner stopped on a signal, after saving (RunStopped).
-_STOPPED_STATUSES = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGUSR1: "SIGUSR1"}
-
-
-def _report_child_failure(error: ChildFailedError, mirror: RankLogMirror, tee_all: bool) -> int:
-    codes = {failure.exitcode for failure in error.failures.values()}
-    if codes and codes <= set(_STOPPED_STATUSES):
-        # A signal reached another node (or only the workers): every rank agreed to stop.
-        code = max(codes)
-        print(f"ddprun: the workers stopped on {_STOPPED_STATUSES[code]} sent to another node or "
-              f"to the workers, after saving (exit code {code})", file=sys.stderr, flush=True)  # fmt: skip
-        return code
-    root = choose_root_failure(error.failures)
-    on_console = tee_all or root.rank == 0
-    print(format_failure_summary(root, mirror, on_console), file=sys.stderr, flush=True)
-    return 1
-
-
 def _launch_error_hint(error: Exception, settings: LaunchSettings) -> str:
     """What a rendezvous error most likely means for a multi-node job."""
     if settings.is_single_node:
@@ -520,7 +308,8 @@ _FAILURE_GRACE_SECONDS = 5
 class _ShortFailureGraceAgent(LocalElasticAgent):
     """torch's agent, except that stopping the group after a worker failure waits at most
     `_FAILURE_GRACE_SECONDS` (torch hardcodes 30 s there; a hung rank that only sets its
-    stop flag on SIGTERM would keep the job alive that long)."""
+    stop flag on SIGTERM would keep the job alive that long), and that a restart first says
+    which rank failed and why (`ddprun.launch.failures.restart_reason`)."""
 
     def _grace(self) -> int:
         return min(int(self._shutdown_timeout), _FAILURE_GRACE_SECONDS)
@@ -535,6 +324,25 @@ class _ShortFailureGraceAgent(LocalElasticAgent):
 
     def _stop_workers(self, worker_group: Any) -> None:  # before a restart or a final failure
         self._shutdown(timeout=self._grace())
+
+    def _monitor_workers(self, worker_group: Any) -> Any:
+        result = super()._monitor_workers(worker_group)
+        if result.is_failed():  # kept for the restart line
+            self._ddprun_failures = dict(result.failures)
+        return result
+
+    def _restart_workers(self, worker_group: Any) -> None:
+        # Say which rank failed and why before the restart (RankLogMirror prints it once the
+        # failed attempt's output is complete); no local failure: the node group changed.
+        failures, self._ddprun_failures = getattr(self, "_ddprun_failures", {}), {}
+        mirror = getattr(self._logs_specs, "mirror", None)
+        if mirror is not None:
+            mirror.restart_reason = (
+                restart_reason(failures, mirror.rank_log)
+                if failures
+                else "the node group changed (a node joined, or another node restarted)"
+            )
+        super()._restart_workers(worker_group)
 
 
 @contextlib.contextmanager
@@ -558,7 +366,10 @@ def launch(settings: LaunchSettings) -> int:
     _quiet_torch_logging()
     _register_rendezvous()
     mirror = RankLogMirror(
-        os.path.join(settings.logdir, "ranks"), settings.tee, settings.max_restarts
+        os.path.join(settings.logdir, "ranks"),
+        bool(settings.tee),
+        settings.max_restarts,
+        settings.console_streams,
     )
     os.makedirs(mirror.ranks_dir, exist_ok=True)
     specs = RankLogsSpecs(os.path.join(settings.logdir, "elastic"), mirror)
@@ -571,7 +382,7 @@ def launch(settings: LaunchSettings) -> int:
     except ChildFailedError as error:
         _set_stop_signals(signal.SIG_IGN)  # a second signal must not cut the report short
         mirror.close()  # the rank logs and console must be complete before the summary
-        return _report_child_failure(error, mirror, settings.tee)
+        return report_child_failure(error, mirror)
     except SignalException as exc:
         # e.g. SIGUSR1, then srun's SIGTERM once another node's launcher has exited
         _set_stop_signals(signal.SIG_IGN)

@@ -10,11 +10,15 @@ The agent starts every worker as ``python -u -m ddprun.launch.worker MODE TARGET
    rounds any node has run, see agent.py; SLURM_RESTART_COUNT: a requeued job), so the
    workers of a node that (re)joined a running job, or of a requeued job, resume from
    last.pth like everyone else;
-3. runs the script as ``__main__`` (runpy) inside torch's error recording (`record` with an
-   `ErrorHandler` subclass), so the agent can show the first failing rank's traceback;
-4. leaves through `ddprun.distributed.exit_process`: a failed worker exits at once instead of
-   hanging in process-group teardown, and a successful one skips interpreter finalization,
-   where gloo's threads can abort the process (see `shutdown_process_group`).
+3. arms `ddprun.process_exit` (its process-group teardown becomes the first exit handler, so
+   it runs after the user's own);
+4. runs the script as ``__main__`` (runpy) inside torch's error recording (`record` with an
+   `ErrorHandler` subclass), so the agent can show the first failing rank's traceback. A script
+   that catches its error and calls ``sys.exit(N)`` (hydra, click) gets an error record too:
+   the exit time, and the caught exception when ``sys.exit`` ran while handling it, so the
+   agent can tell the first failure from its echoes;
+5. exits like ``python script.py`` (`process_exit.leave`): non-daemon threads are joined,
+   `atexit` handlers run and open files are flushed, on success and on failure alike.
 
 Nothing here runs at import time; `main()` does the work.
 """
@@ -30,13 +34,14 @@ import time
 import traceback
 from typing import Any, NoReturn
 
-from ddprun.distributed import exit_process, set_parent_death_signal
+from ddprun import process_exit
+from ddprun.distributed import set_parent_death_signal
 
 __all__ = ["main"]
 
 # Errors a rank sees when a *peer* died first. Such a rank waits briefly before printing, since
 # the agent usually stops it within a poll interval and only the root cause should be shown.
-_PEER_LOSS_MARKERS = (
+PEER_LOSS_MARKERS = (
     "Connection closed by peer",
     "Connection reset by peer",
     "Broken pipe",
@@ -107,7 +112,10 @@ def is_collateral(exc: BaseException) -> bool:
         kinds = ()
     if kinds and isinstance(exc, kinds):
         return True
-    return any(marker in str(exc) for marker in _PEER_LOSS_MARKERS)
+    if getattr(exc, "raised_on_every_rank", False) and os.environ.get("RANK", "0") != "0":
+        # a configuration error every rank raises alike: reported once, from rank 0
+        return True
+    return any(marker in str(exc) for marker in PEER_LOSS_MARKERS)
 
 
 def error_record(exc: BaseException) -> dict[str, Any]:
@@ -137,6 +145,41 @@ def error_record(exc: BaseException) -> dict[str, Any]:
             },
         }
     }
+
+
+def _handled_error(exc: SystemExit) -> BaseException | None:
+    """The exception a script was handling when it called sys.exit (hydra, click), if any."""
+    seen = exc.__cause__ or exc.__context__
+    while isinstance(seen, SystemExit):
+        seen = seen.__cause__ or seen.__context__
+    return seen if isinstance(seen, Exception) else None
+
+
+def exit_record(exc: SystemExit, status: int) -> dict[str, Any]:
+    """The error record of a script that ended itself with a failure status (``sys.exit(1)``).
+
+    Its traceback, if any, was printed by the script; the record names the exception it was
+    handling, if ``sys.exit`` ran inside an ``except`` block, and whether that exception is a
+    peer's echo ("collateral": None when unknown, the agent then reads the rank's output).
+    """
+    record = error_record(exc)
+    message = record["message"]
+    cause = _handled_error(exc)
+    message["message"] = f"{type(cause).__name__}: {cause}" if cause else f"exit status {status}"
+    message["extraInfo"]["py_callstack"] = ""
+    info = message["extraInfo"]["ddprun"]
+    info["collateral"] = is_collateral(cause) if cause else None
+    info["exit_status"] = status
+    return record
+
+
+def _write_exit_record(exc: SystemExit, status: int) -> None:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            _write_atomically(path, json.dumps(exit_record(exc, status)))
+        except (OSError, TypeError, ValueError):  # the status still reaches the agent
+            pass
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -200,7 +243,10 @@ def run_recorded(mode: str, target: str, args: list[str]) -> int:
     try:
         record(_run_target, error_handler=_make_error_handler())(mode, target, args)
     except SystemExit as exc:  # record() already turned SystemExit(0) into a return
-        return _status_of_system_exit(exc.code)
+        status = _status_of_system_exit(exc.code)
+        if status:
+            _write_exit_record(exc, status)
+        return status
     except KeyboardInterrupt:  # the agent forwarded Ctrl-C: stop quietly, it is not a failure
         return 128 + signal.SIGINT
     except BaseException as exc:
@@ -216,11 +262,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
         print(
             "usage: python -m ddprun.launch.worker script|module TARGET [ARGS...]", file=sys.stderr
         )
-        exit_process(2)
+        raise SystemExit(2)
     _arm_parent_death_signal()
     _default_omp_threads()
     _adopt_job_restart_count()
-    exit_process(run_recorded(argv[0], argv[1], argv[2:]))
+    process_exit.arm()
+    process_exit.leave(run_recorded(argv[0], argv[1], argv[2:]))
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def test_multi_node_rendezvous_choices(script: str) -> None:
 @pytest.mark.parametrize(
     ("argv", "env", "needle"),
     [
-        (["--nproc", "abc"], {}, "--nproc must be a positive integer or 'auto', got 'abc'"),
+        (["--nproc", "abc"], {}, "--nproc must be a positive integer, 'auto', 'cpu' or 'gpu'"),
         (["--nproc", "0"], {}, "--nproc"),
         ([], {"DDPRUN_NPROC": "x"}, "DDPRUN_NPROC must be a positive integer"),
         (["--master-port", "70000"], {}, "--master-port must be a port number in 1..65535"),
