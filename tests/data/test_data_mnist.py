@@ -32,8 +32,10 @@ def test_mnist_reads_synthetic_files(tmp_path, synthetic, gz):
     root = synthetic.make_synthetic_mnist(tmp_path, n_train=50, n_test=20, gz=gz)
     train, test = MNIST(root), MNIST(root, train=False, transform=ToTensor())
     assert (len(train), len(test)) == (50, 20)
-    image, label = train[0]
-    assert isinstance(image, np.ndarray) and image.shape == (28, 28) and image.dtype == np.uint8
+    image, label = train[0]  # no transform: Catalyst 21.12's normalised float tensor
+    assert isinstance(image, torch.Tensor) and image.shape == (1, 28, 28)
+    expected = (train.images[0].astype(np.float32) / 255 - 0.1307) / 0.3081
+    assert torch.allclose(image[0], torch.from_numpy(expected), atol=1e-6)
     assert isinstance(label, int) and 0 <= label < 10
     tensor, _ = test[3]
     assert tensor.shape == (1, 28, 28) and tensor.dtype == torch.float32
@@ -102,7 +104,7 @@ def test_count_mismatch_names_both_files(tmp_path, synthetic):
 
 def test_missing_files_without_download(tmp_path):
     with pytest.raises(DatasetNotFoundError) as info:
-        MNIST(tmp_path, train=False)
+        MNIST(tmp_path, train=False, download=False)
     message = str(info.value)
     assert str(tmp_path / RAW / "t10k-images-idx3-ubyte") in message
     assert "t10k-labels-idx1-ubyte" in message and "download=True" in message

@@ -13,7 +13,8 @@ class InMemoryImages(Dataset):
     """Uint8 images and int labels held in numpy arrays; subclasses fill `images`/`targets`.
 
     Items are ``(transform(image), target_transform(label))``; the image is a copy, so a
-    transform that writes into it cannot change the dataset.
+    transform that writes into it cannot change the dataset. Without a transform the image goes
+    through ``_default_image`` (the uint8 array itself here; MNIST makes it a tensor).
     """
 
     images: np.ndarray
@@ -29,6 +30,12 @@ class InMemoryImages(Dataset):
         label: Any = int(self.targets[index])
         if self.transform is not None:
             image = self.transform(image)
+        else:
+            image = self._default_image(image)
         if self.target_transform is not None:
             label = self.target_transform(label)
         return image, label
+
+    def _default_image(self, image: np.ndarray) -> Any:
+        """Returns an item's image when no transform is given."""
+        return image

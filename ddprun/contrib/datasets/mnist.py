@@ -21,11 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ddprun.atomic import atomic_write_bytes
 from ddprun.contrib.datasets._images import InMemoryImages
 
-__all__ = ["MNIST", "DatasetNotFoundError", "IDXFormatError", "read_idx"]
+__all__ = [
+    "MNIST",
+    "MNIST_NORMALIZE",
+    "DatasetNotFoundError",
+    "IDXFormatError",
+    "read_idx",
+]
 
 MIRRORS: tuple[str, ...] = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -135,19 +142,63 @@ def _download_one(raw: Path, name: str) -> str | None:
     return "; ".join(failures)
 
 
+MNIST_NORMALIZE: tuple[float, float] = (0.1307, 0.3081)  # mean, std of MNIST's [0, 1] pixels
+
+
+def _check_normalize(normalize: Any) -> tuple[float, float] | None:
+    """Returns ``normalize`` as ``(mean, std)`` floats, or None; says what is wrong otherwise."""
+    if normalize is None:
+        return None
+    if callable(normalize):
+        raise TypeError(
+            f"normalize must be (mean, std) or None, got {normalize!r}; a transform is passed "
+            "by keyword: MNIST(root, train, transform=...)"
+        )
+    try:
+        mean, std = (float(value) for value in normalize)
+    except (TypeError, ValueError):
+        raise ValueError(f"normalize must be two numbers (mean, std), got {normalize!r}") from None
+    if not std > 0:
+        raise ValueError(f"normalize: std must be > 0, got {std}")
+    return mean, std
+
+
+def _check_no_default_options(normalize: Any, numpy: bool) -> None:
+    """With a transform the image is the transform's business: refuse options that would be
+    silently ignored."""
+    if numpy:
+        raise ValueError("numpy=True applies only without a transform; drop one of them")
+    if normalize is not None and tuple(normalize) != MNIST_NORMALIZE:
+        raise ValueError(
+            f"normalize={normalize!r} applies only without a transform; with a transform, "
+            "normalise inside it (e.g. Compose([ImageToTensor(), NormalizeImage(mean, std)]))"
+        )
+
+
 class MNIST(InMemoryImages):
     """The MNIST handwritten digits, read from IDX files into memory once.
 
-    Items are ``(image, label)``: ``image`` is a uint8 HxW (28x28) numpy array passed through
-    ``transform`` (``ToTensor()`` makes it a 1x28x28 float tensor in [0, 1]); ``label`` is an int
-    passed through ``target_transform``.
+    Items are ``(image, label)``, ``label`` an int passed through ``target_transform``. Without
+    a ``transform`` (Catalyst 21.12's format), ``image`` is a float32 1x28x28 tensor: the pixels
+    scaled to [0, 1], then ``(x - mean) / std`` with ``normalize = (mean, std)`` (MNIST's own
+    statistics by default, so pixels come out with mean ~0 and std ~1; ``normalize=None`` keeps
+    [0, 1]); ``numpy=True`` gives the same values as a 28x28 float32 numpy array. With a
+    ``transform``, it gets the raw uint8 28x28 numpy array (``ToTensor()`` makes it a 1x28x28
+    float tensor in [0, 1]) and ``normalize`` / ``numpy`` do not apply.
+
+    Decision: Catalyst 21.12 normalises the 0..255 pixels with statistics of [0, 1] pixels
+    (values up to ~827); ddprun scales first, which is what the constants are for.
 
     Args:
-        root: folder holding ``MNIST/raw/``.
+        root: folder holding ``MNIST/raw/`` (``~`` is expanded).
         train: the 60k training split, else the 10k test split.
-        download: fetch the split's missing files (only those) from the mirrors, checking MD5.
-        transform: applied to each image.
-        target_transform: applied to each label.
+        download: fetch the split's missing files (only those) from the mirrors, checking MD5;
+            files already there are never fetched. Catalyst's default (True); without network
+            a missing file raises ``RuntimeError`` saying where to put it.
+        normalize: ``(mean, std)`` for the images when no transform is given, or None.
+        numpy: return a 28x28 numpy array instead of a 1x28x28 tensor (no transform only).
+        transform: applied to each uint8 image (keyword only).
+        target_transform: applied to each label (keyword only).
     """
 
     classes: tuple[str, ...] = (
@@ -159,12 +210,19 @@ class MNIST(InMemoryImages):
         self,
         root: str | os.PathLike[str],
         train: bool = True,
-        download: bool = False,
+        download: bool = True,
+        normalize: tuple[float, float] | None = MNIST_NORMALIZE,
+        numpy: bool = False,
+        *,
         transform: Callable[[np.ndarray], Any] | None = None,
         target_transform: Callable[[int], Any] | None = None,
     ) -> None:
-        self.root = Path(root)
+        self.normalize = _check_normalize(normalize)
+        if transform is not None:
+            _check_no_default_options(normalize, numpy)
+        self.root = Path(root).expanduser()
         self.train = train
+        self.numpy = numpy
         self.transform = transform
         self.target_transform = target_transform
         if download:
@@ -177,6 +235,35 @@ class MNIST(InMemoryImages):
                 f"count mismatch: {images_path} holds {len(self.images)} images but "
                 f"{labels_path} holds {len(self.targets)} labels"
             )
+
+    def _default_image(self, image: np.ndarray) -> torch.Tensor | np.ndarray:
+        """Returns the scaled, normalised image (1x28x28 tensor, or 28x28 array if ``numpy``)."""
+        pixels = torch.from_numpy(image).to(torch.float32).div_(255.0)
+        if self.normalize is not None:
+            mean, std = self.normalize
+            pixels.sub_(mean).div_(std)
+        return pixels.numpy() if self.numpy else pixels.unsqueeze(0)
+
+    @property
+    def data(self) -> np.ndarray:
+        """Returns the uint8 images, N x 28 x 28 (Catalyst's name; a numpy array here)."""
+        return self.images
+
+    @data.setter
+    def data(self, images: np.ndarray) -> None:
+        self.images = images
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        """Returns ``{class name: label}``."""
+        return {name: index for index, name in enumerate(self.classes)}
+
+    def __repr__(self) -> str:
+        split = "Train" if self.train else "Test"
+        return (
+            f"Dataset {type(self).__name__}\n    Number of datapoints: {len(self)}\n"
+            f"    Root location: {self.root}\n    Split: {split}"
+        )
 
     @property
     def raw_folder(self) -> Path:
@@ -224,3 +311,16 @@ class MNIST(InMemoryImages):
             f"To install by hand, copy the files from any MNIST mirror ({', '.join(MIRRORS)}) "
             f"into {self.raw_folder} (keep the .gz or extract it), then run again."
         )
+
+
+_DERIVED = ("MnistMLDataset", "MnistQGDataset", "PartialMNIST")
+
+
+def __getattr__(name: str) -> Any:
+    # Catalyst's module path for the derived datasets; they live in mnist_ml (which imports
+    # this module), so they are looked up on first use
+    if name in _DERIVED:
+        from ddprun.contrib.datasets import mnist_ml
+
+        return getattr(mnist_ml, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
