@@ -281,6 +281,13 @@ def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
                 f"{p['dist_per_batch']:.3g} per batch over {p['batches']} batches"
                 for p in per
             )
+            first = r.get("first_epoch") or []
+            if first:
+                cells += (
+                    " (first epoch of a run: "
+                    + ", ".join(f"{p['loader']} {p['dist_at_end']}" for p in first)
+                    + ", the key agreement)"
+                )
             add(
                 (
                     f"loader end through Runner, {r['metric_callbacks']} metric callbacks + loss:"

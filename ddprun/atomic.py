@@ -7,37 +7,70 @@ the temporary file is removed when the write fails. Imports nothing heavy (no to
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_bytes"]
+__all__ = ["atomic_copy", "atomic_write", "atomic_write_bytes"]
 
 
 def atomic_write(
     path: str | os.PathLike, write: Callable[[IO[Any]], Any], text: bool = False
 ) -> Path:
     """Write `path` through ``write(handle)`` (binary, or text with `text`), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w" if text else "wb", **({"newline": ""} if text else {})) as handle:
+
+    def fill(tmp_name: str) -> None:
+        mode = "w" if text else "wb"
+        with open(tmp_name, mode, **({"newline": ""} if text else {})) as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+
+    return _replace_atomically(path, fill)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically."""
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Make `path` hold what `source` holds, atomically, without writing the data again.
+
+    A hard link when the filesystem allows it (no bytes copied: best, last and the epoch file
+    of one save share one inode, and a later atomic write of one of them replaces only that
+    name), else a copy; either way through a temporary name renamed over `path`.
+    """
+
+    def fill(tmp_name: str) -> None:
+        os.unlink(tmp_name)  # os.link needs a free name
+        try:
+            os.link(source, tmp_name)
+        except OSError:  # another device, or a filesystem without hard links
+            shutil.copyfile(source, tmp_name)
+            with open(tmp_name, "rb+") as handle:
+                os.fsync(handle.fileno())
+
+    return _replace_atomically(path, fill)
+
+
+def _replace_atomically(path: str | os.PathLike, fill: Callable[[str], None]) -> Path:
+    """A temporary file beside `path`, filled by ``fill(name)``, renamed over `path`; the
+    temporary file is removed when anything fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        fill(tmp_name)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically."""
-    return atomic_write(path, lambda handle: handle.write(data))
 
 
 def _fsync_dir(folder: Path) -> None:

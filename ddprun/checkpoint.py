@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,18 @@ class CheckpointError(RuntimeError):
 
 
 def unwrap_module(module: Any) -> Any:
-    """The module inside DataParallel/DistributedDataParallel wrappers (others unchanged)."""
-    while isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        module = module.module
-    return module
+    """The plain module inside DataParallel/DistributedDataParallel wrappers and torch.compile's
+    ``OptimizedModule``, nested in any order (others unchanged), so state dict keys carry no
+    ``module.`` or ``_orig_mod.`` prefix and load into a compiled or an uncompiled model."""
+    # torch._dynamo is looked up, not imported: if it is not loaded, nothing is compiled
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())
+    while True:
+        if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            module = module.module
+        elif isinstance(module, compiled):
+            module = module._orig_mod
+        else:
+            return module
 
 
 def _state_of(obj: Any) -> Any:
@@ -169,12 +178,17 @@ def restore_rng_state(state: dict[str, Any] | None) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU, with a clear error for a missing, truncated or foreign file."""
+    """Read a checkpoint onto the CPU, with a clear error for a missing, truncated or foreign file.
+
+    The file is memory-mapped (``torch.load(mmap=True)``): tensors are read from the page cache
+    as they are used, so N ranks loading one checkpoint do not each hold a private copy of it in
+    RAM. Files in torch's legacy (non-zip) format are read whole.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = _torch_load(path)
     except Exception as error:  # torch raises several types for a damaged file
         size = path.stat().st_size
         raise CheckpointError(
@@ -186,3 +200,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} holds a {type(checkpoint).__name__}, expected a checkpoint dict"
         )
     return checkpoint
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        # a legacy-format file cannot be mapped: read it whole
+        return torch.load(path, map_location="cpu", weights_only=False)

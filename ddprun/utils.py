@@ -11,20 +11,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from ddprun import model_tools as _model_tools
 from ddprun.checkpoint import load_checkpoint, pack_checkpoint, save_checkpoint, unpack_checkpoint
 from ddprun.distributed import get_rank, get_world_size
+
+# the model utilities are re-exported as they are listed in model_tools.__all__ (their one list)
+from ddprun.model_tools import *  # noqa: F403
+from ddprun.registry import load_config
 
 __all__ = [
     "any2device",
     "get_rank",
     "get_world_size",
     "load_checkpoint",
+    "load_config",
     "pack_checkpoint",
     "save_checkpoint",
     "set_global_seed",
     "set_requires_grad",
     "unpack_checkpoint",
 ]
+__all__ += _model_tools.__all__
 
 
 def set_global_seed(seed: int) -> None:

@@ -19,8 +19,19 @@ def digits_loaders(batch_size: int = 32) -> dict:
 
 
 def parse_args(description: str, logdir: str) -> argparse.Namespace:
-    """--logdir and --epochs, with the example's defaults."""
+    """--logdir, --epochs and --batch-size, with the example's defaults."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--logdir", default=logdir)
     parser.add_argument("--epochs", type=int, default=5)
+    add_batch_size(parser)
     return parser.parse_args()
+
+
+def add_batch_size(parser: argparse.ArgumentParser) -> None:
+    """--batch-size: per process, so `ddprun --nproc N` trains with N times that globally."""
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="batch size per process (under `ddprun --nproc N` the global batch is N times it)",
+    )

@@ -6,7 +6,7 @@ Run:  python examples/custom_runner.py [--logdir ./logs/custom] [--epochs 5]
 import torch
 
 from _digits import digits_loaders, parse_args
-from ddprun import dl, metrics
+from ddprun import dl, metrics, utils
 
 
 class CustomRunner(dl.Runner):
@@ -29,13 +29,14 @@ class CustomRunner(dl.Runner):
 
 if __name__ == "__main__":
     args = parse_args(__doc__, "./logs/custom")
+    utils.set_global_seed(0)  # the same initial weights in every run and every process
     model = torch.nn.Linear(64, 10)
     runner = CustomRunner()
     runner.train(
         model=model,
         criterion=torch.nn.CrossEntropyLoss(),
         optimizer=torch.optim.Adam(model.parameters(), lr=0.02),
-        loaders=digits_loaders(),
+        loaders=digits_loaders(args.batch_size),
         logdir=args.logdir,
         num_epochs=args.epochs,
         load_best_on_end=True,

@@ -1,8 +1,10 @@
 """Multistage finetuning on Digits: stage 1 trains the head on a frozen encoder, stage 2 tunes all.
 
 Run:  python examples/finetune_multistage.py [--logdir ./logs/finetune] [--epochs 3]
-The same script runs on N processes with ``ddprun --nproc 2 examples/finetune_multistage.py
---ddp``: weights move between stages through the best checkpoint.
+The same script runs on N processes with ``ddprun --nproc 2 examples/finetune_multistage.py``
+(the engine follows the launch; ``--ddp`` spawns two workers under plain python): weights move
+between stages through the best checkpoint. ``--batch-size 16`` on 2 processes trains on the
+same samples per step as the default 32 on one.
 """
 
 import argparse
@@ -10,18 +12,21 @@ import argparse
 from torch import nn, optim
 from torch.utils.data import DataLoader
 
+from _digits import add_batch_size
 from ddprun import dl, utils
 from ddprun.contrib.datasets import Digits
 from ddprun.data.transforms import ToTensor
 
 
 class FinetuneRunner(dl.IRunner):
-    def __init__(self, logdir: str, epochs: int, ddp: bool):
+    def __init__(self, logdir: str, epochs: int, ddp: bool, batch_size: int = 32):
         super().__init__()
         self._logdir, self._epochs, self._ddp = logdir, epochs, ddp
+        self._batch_size = batch_size
 
     def get_engine(self):
-        return dl.DistributedDataParallelEngine() if self._ddp else dl.DeviceEngine("cpu")
+        # the default follows the launch: DDP under `ddprun --nproc N`, else one device
+        return dl.DistributedDataParallelEngine() if self._ddp else super().get_engine()
 
     def get_loggers(self):
         return {
@@ -40,7 +45,9 @@ class FinetuneRunner(dl.IRunner):
     def get_loaders(self, stage):
         return {
             "train": DataLoader(
-                Digits(train=True, transform=ToTensor()), batch_size=32, shuffle=True
+                Digits(train=True, transform=ToTensor()),
+                batch_size=self._batch_size,
+                shuffle=True,
             ),
             "valid": DataLoader(Digits(train=False, transform=ToTensor()), batch_size=64),
         }
@@ -87,9 +94,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--logdir", default="./logs/finetune")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--ddp", action="store_true", help="use the DDP engine")
+    parser.add_argument("--ddp", action="store_true", help="spawn DDP workers (plain python)")
+    add_batch_size(parser)
     args = parser.parse_args()
-    runner = FinetuneRunner(args.logdir, args.epochs, args.ddp)
+    runner = FinetuneRunner(args.logdir, args.epochs, args.ddp, args.batch_size)
     runner.run()
     print(f"final valid accuracy: {runner.epoch_metrics['valid']['accuracy01']:.4f}")
 

@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from _digits import digits_loaders, parse_args
-from ddprun import dl
+from ddprun import dl, utils
 
 
 class MultiCriterionRunner(dl.Runner):
@@ -31,6 +31,7 @@ class SumLosses(dl.Callback):
 
 if __name__ == "__main__":
     args = parse_args(__doc__, "./logs/multi_criterion")
+    utils.set_global_seed(0)  # the same initial weights in every run and every process
     model = torch.nn.Linear(64, 10)
     criterion = {
         "multiclass": torch.nn.CrossEntropyLoss(),
@@ -40,7 +41,7 @@ if __name__ == "__main__":
         model=model,
         criterion=criterion,
         optimizer=torch.optim.Adam(model.parameters(), lr=0.02),
-        loaders=digits_loaders(),
+        loaders=digits_loaders(args.batch_size),
         callbacks=[
             dl.CriterionCallback(
                 "logits", "targets", metric_key="loss_multiclass", criterion_key="multiclass"

@@ -6,7 +6,7 @@ Run:  python examples/multi_optimizer.py [--logdir ./logs/multi_optimizer] [--ep
 import torch
 
 from _digits import digits_loaders, parse_args
-from ddprun import dl
+from ddprun import dl, utils
 
 
 class MultiOptimizerRunner(dl.Runner):
@@ -18,6 +18,7 @@ class MultiOptimizerRunner(dl.Runner):
 
 if __name__ == "__main__":
     args = parse_args(__doc__, "./logs/multi_optimizer")
+    utils.set_global_seed(0)  # the same initial weights in every run and every process
     model = {"encoder": torch.nn.Linear(64, 128), "head": torch.nn.Linear(128, 10)}
     optimizer = {
         "encoder": torch.optim.Adam(model["encoder"].parameters(), lr=0.01),
@@ -27,7 +28,7 @@ if __name__ == "__main__":
         model=model,
         criterion=torch.nn.CrossEntropyLoss(),
         optimizer=optimizer,
-        loaders=digits_loaders(),
+        loaders=digits_loaders(args.batch_size),
         callbacks=[
             dl.CriterionCallback(input_key="logits", target_key="targets"),
             # without optimizer_key, one backward pass, then every optimizer of the dict steps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,9 +49,26 @@ def entries(component: Any) -> dict[str | None, Any]:
     return {None: component}
 
 
+class SkippedLoaderMetrics(dict):
+    """The epoch metrics of a loader that did not run this epoch (PeriodicLoaderCallback puts
+    its selection metric there at the worst value, as Catalyst 21.12 does): `epoch_metric`
+    gives NaN for its other keys, which checkpoint ranking treats as the worst score, and
+    `loader_skipped` tells early stopping and plateau schedulers not to count the epoch."""
+
+    loader_skipped = True
+
+
+def loader_skipped(runner: Any, loader_key: str) -> bool:
+    """Whether `loader_key` was skipped this epoch (see `SkippedLoaderMetrics`)."""
+    return getattr(runner.epoch_metrics.get(loader_key), "loader_skipped", False)
+
+
 def epoch_metric(runner: Any, loader_key: str, metric_key: str, owner: str) -> float:
-    """``runner.epoch_metrics[loader_key][metric_key]`` with an error listing what exists."""
+    """``runner.epoch_metrics[loader_key][metric_key]`` with an error listing what exists
+    (NaN for a key a skipped loader lacks, see `SkippedLoaderMetrics`)."""
     loader_metrics = runner.epoch_metrics.get(loader_key)
+    if getattr(loader_metrics, "loader_skipped", False) and metric_key not in loader_metrics:
+        return math.nan
     if loader_metrics is None:
         raise KeyError(
             f"{owner}: no metrics for loader {loader_key!r} this epoch "

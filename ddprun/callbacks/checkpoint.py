@@ -64,7 +64,9 @@ class CheckpointCallback(Callback):
             checkpoint continues at the next batch. Default: None, or "auto" when the
             launcher restarted the workers (``TORCHELASTIC_RESTART_COUNT`` > 0).
         save_every_n_batches: also write ``last.pth`` every N training batches, with the
-            position in the epoch, the partial metric states of every rank and RNG states.
+            position in the epoch, the partial metric states of every rank, RNG states and,
+            inside a gradient-accumulation window, every rank's accumulated gradients (so a
+            resume is bit-exact for any N and ``accumulation_steps``; see ddprun.core.resume).
             A stop signal (SIGTERM, SIGUSR1) writes it too, after the current batch.
     """
 
@@ -313,6 +315,8 @@ class CheckpointCallback(Callback):
             runner.stage_epoch_step -= 1
             runner.global_epoch_step -= 1
             runner.resume_position = position
+            # a save inside an accumulation window: the window's gradients (each rank's own)
+            resume.restore_gradients(runner, position, plan["path"])
         io.restore_rng_state(state.get("rng"))
         self._restore_bookkeeping(state.get("checkpointer"))
         return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ddprun.callbacks._access import epoch_metric
+from ddprun.callbacks._access import epoch_metric, loader_skipped
 from ddprun.core.callback import Callback, CallbackOrder
 
 
@@ -35,6 +35,8 @@ class EarlyStoppingCallback(Callback):
         self.best, self.wait = None, 0
 
     def on_epoch_end(self, runner: Any) -> None:
+        if loader_skipped(runner, self.loader_key):
+            return  # the loader did not run this epoch (PeriodicLoaderCallback): not counted
         score = epoch_metric(runner, self.loader_key, self.metric_key, "EarlyStoppingCallback")
         if self.best is None or self._improved(score):
             self.best, self.wait = score, 0

@@ -3,6 +3,12 @@
 Each keeps a stateful metric from ``ddprun.metrics``, resets it at loader start, registers it
 with ``runner.track_metric`` (so the runner syncs all metrics of a loader in one reduction) and
 updates it per batch with no host sync.
+
+Binary models (one logit per sample, as trained with ``BCEWithLogitsLoss``): outputs of shape (B,)
+or (B, 1) with 0/1 targets of shape (B,) or (B, 1), int or float, predict class 1 where the output
+is > ``threshold``. The default 0.0 is right for logits; a model that outputs probabilities passes
+``threshold=0.5``. Give the precision/recall/F1 and confusion-matrix callbacks ``num_classes=2``.
+Shapes that fit neither this nor (B, C) scores raise a ValueError naming both shapes.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from ddprun.callbacks._access import batch_value
 from ddprun.core.callback import Callback, CallbackOrder
 from ddprun.metrics import AccuracyMetric, ConfusionMatrixMetric, Metric
 from ddprun.metrics import MulticlassPrecisionRecallF1SupportMetric as PRFMetric
+from ddprun.metrics._support import affix, check_topk, default_topk_args
 
 
 class _LoaderMetricCallback(Callback):
@@ -59,42 +66,60 @@ class AccuracyCallback(_LoaderMetricCallback):
     """``accuracy01``, ``accuracy03``, ... per batch (tensors) and exact per loader.
 
     Args:
-        input_key: logits in ``runner.batch``. target_key: integer labels.
-        topk_args: the k values (default (1,)).
-        num_classes: accepted for Catalyst compatibility; not needed.
+        input_key: logits in ``runner.batch``: (B, C), or (B,) / (B, 1) for a binary model.
+        target_key: integer labels (B,) / (B, 1), one-hot (B, C), or 0/1 binary targets.
+        topk_args: the k values; None (the default) takes Catalyst 21.12's: (1,), plus 3 when
+            `num_classes` > 3, plus 5 when > 5. Binary outputs allow only k=1.
+        num_classes: only sets the default `topk_args`.
         log_on_batch: also put each batch's accuracies into ``batch_metrics``.
+        prefix, suffix: keys become ``{prefix}accuracy01{suffix}``.
+        threshold: binary outputs predict class 1 where > threshold (0.0 logits, 0.5 probabilities).
     """
 
     def __init__(
         self,
         input_key: str,
         target_key: str,
-        topk_args: Sequence[int] = (1,),
+        topk_args: Sequence[int] | None = None,
         num_classes: int | None = None,
         log_on_batch: bool = True,
+        prefix: str | None = None,
+        suffix: str | None = None,
+        threshold: float = 0.0,
     ) -> None:
         super().__init__(input_key, target_key)
-        self.topk_args = tuple(topk_args or (1,))
+        self.topk_args = check_topk(topk_args or default_topk_args(num_classes))
         self.log_on_batch = log_on_batch
+        self.prefix, self.suffix = prefix, suffix
+        self.keys = [affix(f"accuracy{k:02d}", prefix, suffix) for k in self.topk_args]
+        self.threshold = float(threshold)
 
     def _make_metric(self) -> Metric:
-        return AccuracyMetric(topk=self.topk_args)
+        return AccuracyMetric(topk=self.topk_args, threshold=self.threshold)
 
     def _batch_keys(self) -> list[str]:
-        return [f"accuracy{k:02d}" for k in self.topk_args] if self.log_on_batch else []
+        return list(self.keys) if self.log_on_batch else []
 
     def on_batch_end(self, runner: Any) -> None:
         if runner.is_infer_loader:
             return
         values = self.metric.update(*self._inputs(runner))
         if self.log_on_batch:
-            for k, value in zip(self.topk_args, values):
-                runner.batch_metrics[f"accuracy{k:02d}"] = value
+            for key, value in zip(self.keys, values):
+                runner.batch_metrics[key] = value
+
+    def on_loader_end(self, runner: Any) -> None:
+        if not runner.is_infer_loader:
+            runner.loader_metrics.update(zip(self.keys, self.metric.compute()))
 
 
 class PrecisionRecallF1SupportCallback(_LoaderMetricCallback):
     """Loader metrics ``precision/_micro`` ... ``f1/_weighted`` and per class
-    ``precision/class_00`` ... ``support/class_NN``, exact across ranks (loader level only)."""
+    ``precision/class_00`` ... ``support/class_NN``, exact across ranks (loader level only).
+
+    For a binary model give ``num_classes=2``: ``*/class_01`` are the positive class's values
+    (scikit-learn's ``average="binary"``); ``threshold`` as in ``AccuracyCallback``.
+    """
 
     def __init__(
         self,
@@ -103,12 +128,18 @@ class PrecisionRecallF1SupportCallback(_LoaderMetricCallback):
         num_classes: int,
         zero_division: float = 0,
         log_on_batch: bool = False,
+        threshold: float = 0.0,
     ) -> None:
         super().__init__(input_key, target_key)
         self.num_classes, self.zero_division = int(num_classes), zero_division
+        self.threshold = float(threshold)
 
     def _make_metric(self) -> Metric:
-        return PRFMetric(num_classes=self.num_classes, zero_division=self.zero_division)
+        return PRFMetric(
+            num_classes=self.num_classes,
+            zero_division=self.zero_division,
+            threshold=self.threshold,
+        )
 
 
 class ConfusionMatrixCallback(_LoaderMetricCallback):
@@ -116,6 +147,7 @@ class ConfusionMatrixCallback(_LoaderMetricCallback):
 
     Kept as ``.matrix`` (a CPU tensor) after each loader, logged as an image (tag
     ``<prefix>/<loader_key>``) to loggers that take images; not put in ``loader_metrics``.
+    A binary model gives ``num_classes=2``; ``threshold`` as in ``AccuracyCallback``.
     """
 
     def __init__(
@@ -125,13 +157,17 @@ class ConfusionMatrixCallback(_LoaderMetricCallback):
         num_classes: int,
         normalize: bool = False,
         prefix: str = "confusion_matrix",
+        threshold: float = 0.0,
     ) -> None:
         super().__init__(input_key, target_key)
         self.num_classes, self.normalize, self.prefix = int(num_classes), normalize, prefix
+        self.threshold = float(threshold)
         self.matrix: torch.Tensor | None = None
 
     def _make_metric(self) -> Metric:
-        return ConfusionMatrixMetric(num_classes=self.num_classes, normalize=self.normalize)
+        return ConfusionMatrixMetric(
+            num_classes=self.num_classes, normalize=self.normalize, threshold=self.threshold
+        )
 
     def on_loader_end(self, runner: Any) -> None:
         if runner.is_infer_loader:

@@ -26,9 +26,29 @@ def _resolve_clip(fn: Callable | str | None, params: dict[str, Any] | None) -> C
     return functools.partial(fn, **dict(params or {}))
 
 
+def _trainable(part: Any) -> bool:
+    return isinstance(part, torch.nn.Module) and any(p.requires_grad for p in part.parameters())
+
+
 class OptimizerCallback(Callback):
     """On training loaders: ``engine.backward(loss / k)``; every k-th batch (and the loader's last)
     clip, ``engine.optimizer_step`` and ``engine.zero_grad``.
+
+    Accumulation windows are counted from the loader's start by ``runner.loader_batch_step``
+    (batches k, 2k, ... step), so a mid-epoch resume, which restores that counter and the
+    accumulated gradients (see ``ddprun.core.resume``), continues inside the same window. A
+    window still open when the loader ends (a loader without ``len``, or one left early) is
+    stepped in ``on_loader_end``, as the last batch of a sized loader always is: no gradient
+    leaks into the next loader or epoch. Under DDP its gradients were accumulated under
+    ``no_sync``, so they are averaged across ranks first (one all-reduce per dtype).
+
+    DDP decides in the forward pass whether the backward all-reduces, so ``no_sync`` is entered
+    in ``on_batch_start`` of an accumulating batch (before `handle_batch` runs the model) and
+    left after its backward: those batches communicate nothing, and the step batch's backward
+    all-reduces the whole window's gradients.
+
+    `step_count` counts the optimizer steps this callback made; SchedulerCallback(mode="batch")
+    reads it to step once per optimizer step rather than per micro-batch.
 
     Args:
         metric_key: the loss in ``batch_metrics``.
@@ -58,36 +78,81 @@ class OptimizerCallback(Callback):
         self._clip = _resolve_clip(grad_clip_fn, grad_clip_params)
         self._optimizers: list[torch.optim.Optimizer] = []
         self._models: list[Any] = []
-        self._accumulated = 0
+        self.step_count = 0  # optimizer steps made (a plain int: read by SchedulerCallback)
+        self._sync_off: contextlib.ExitStack | None = None  # no_sync held open over one batch
 
     def on_stage_start(self, runner: Any) -> None:
-        optimizer = select(runner.optimizer, self.optimizer_key, "optimizer", "OptimizerCallback")
-        self._optimizers = list(entries(optimizer).values())
+        self._optimizers = self.optimizers_of(runner)
         model = select(runner.model, self.model_key, "model", "OptimizerCallback")
-        self._models = list(entries(model).values())
+        # a criterion with trainable parameters is DDP-wrapped like a model (see the DDP
+        # engine's prepare_criterion): its gradient sync is skipped and averaged the same way
+        criteria = [c for c in entries(runner.criterion).values() if _trainable(c)]
+        self._models = [*entries(model).values(), *criteria]
 
-    def on_loader_start(self, runner: Any) -> None:
-        self._accumulated = 0
+    def optimizers_of(self, runner: Any) -> list[torch.optim.Optimizer]:
+        """The optimizer(s) this callback steps in `runner`'s current stage."""
+        optimizer = select(runner.optimizer, self.optimizer_key, "optimizer", "OptimizerCallback")
+        return list(entries(optimizer).values())
+
+    def _accumulating(self, runner: Any) -> bool:
+        step = runner.loader_batch_step
+        return bool(step % self.accumulation_steps) and step != runner.loader_batch_len
+
+    def on_batch_start(self, runner: Any) -> None:
+        if self.accumulation_steps > 1 and runner.is_train_loader and self._accumulating(runner):
+            self._sync_off = self._no_sync(runner.engine)  # open until this batch's backward
 
     def on_batch_end(self, runner: Any) -> None:
         if not runner.is_train_loader:
             return
-        if self.metric_key not in runner.batch_metrics:
-            raise KeyError(
-                f"OptimizerCallback: batch_metrics has no {self.metric_key!r} "
-                f"(have {sorted(runner.batch_metrics)}); add a CriterionCallback or set metric_key"
-            )
-        loss = runner.batch_metrics[self.metric_key]
-        if self.accumulation_steps > 1:
-            loss = loss / self.accumulation_steps
-        self._accumulated += 1
-        last_batch = runner.loader_batch_step == runner.loader_batch_len
-        if self._accumulated % self.accumulation_steps and not last_batch:
-            with self._no_sync(runner.engine):
-                runner.engine.backward(loss)
+        sync_off, self._sync_off = self._sync_off, None
+        with sync_off if sync_off is not None else contextlib.nullcontext():
+            if self.metric_key not in runner.batch_metrics:
+                raise KeyError(
+                    f"OptimizerCallback: batch_metrics has no {self.metric_key!r} (have "
+                    f"{sorted(runner.batch_metrics)}); add a CriterionCallback or set metric_key"
+                )
+            loss = runner.batch_metrics[self.metric_key]
+            if self.accumulation_steps > 1:
+                loss = loss / self.accumulation_steps
+            runner.engine.backward(loss)
+        if sync_off is None:
+            self._step(runner)
+
+    def on_exception(self, runner: Any) -> None:
+        if self._sync_off is not None:  # the batch failed before its backward
+            self._sync_off.close()
+            self._sync_off = None
+
+    def on_loader_end(self, runner: Any) -> None:
+        if not runner.is_train_loader:
             return
-        runner.engine.backward(loss)
-        self._step(runner)
+        if self._accumulating(runner):
+            # an open window: gradients of its batches wait on the parameters
+            if runner.engine.world_size > 1:
+                self._average_local_gradients(runner.engine)
+            self._step(runner)
+
+    def _average_local_gradients(self, engine: Any) -> None:
+        """Average the gradients accumulated under ``no_sync`` across ranks, as DDP's step
+        batch would have (divide by the world size, then sum); a parameter without a gradient
+        on every rank keeps none."""
+        groups: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+        seen: set[int] = set()
+        for model in self._models:
+            for param in model.parameters():
+                if param.requires_grad and id(param) not in seen:
+                    seen.add(id(param))
+                    groups.setdefault(param.dtype, []).append(param)
+        for dtype, params in groups.items():
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            has = torch.tensor([p.grad is not None for p in params], dtype=dtype)
+            flat = torch.cat([g.reshape(-1) for g in grads]).div_(engine.world_size)
+            flat = engine.all_reduce(torch.cat([flat, has.to(flat.device)]), "sum")
+            present = flat[-len(params) :].tolist()  # once per loader end, not per batch
+            values = flat[: -len(params)].split([p.numel() for p in params])
+            for param, value, count in zip(params, values, present):
+                param.grad = value.view_as(param).clone() if count else None
 
     def _no_sync(self, engine: Any) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
@@ -104,3 +169,4 @@ class OptimizerCallback(Callback):
                 self._clip(params)
             engine.optimizer_step(optimizer)
             engine.zero_grad(optimizer)
+        self.step_count += 1

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ddprun.callbacks._access import entries, epoch_metric, select
+from ddprun.callbacks._access import entries, epoch_metric, loader_skipped, select
+from ddprun.callbacks.control import unwrap_callback
+from ddprun.callbacks.optimizer import OptimizerCallback
 from ddprun.core.callback import Callback, CallbackOrder
 
 try:
@@ -18,11 +20,18 @@ class SchedulerCallback(Callback):
 
     Args:
         scheduler_key: with a dict of schedulers, the one to step (default: all).
-        mode: "epoch" (default; in ``on_epoch_end``) or "batch" (after every training batch).
+        mode: "epoch" (default; in ``on_epoch_end``) or "batch" (once per optimizer step).
         loader_key, metric_key: the epoch metric handed to ``ReduceLROnPlateau.step``.
 
-    The learning rate goes into ``batch_metrics`` (batch mode) and into the training loaders'
-    ``loader_metrics``; after an epoch-mode step, the new rate into ``epoch_metrics["_epoch_"]``.
+    Batch mode steps a scheduler once per step of its optimizer: when an OptimizerCallback
+    steps that optimizer, after each batch (or loader end) on which its `step_count` grew, so
+    with ``accumulation_steps=k`` a loader of n batches steps ceil(n / k) times; when no
+    OptimizerCallback steps it (``handle_batch`` does), after every training batch. Reading
+    that counter is a Python int comparison: no collective, no host sync.
+
+    The learning rate goes into ``batch_metrics`` (batch mode, every training batch) and into
+    the training loaders' ``loader_metrics``; after an epoch-mode step, the new rate into
+    ``epoch_metrics["_epoch_"]``.
     """
 
     def __init__(
@@ -41,6 +50,10 @@ class SchedulerCallback(Callback):
         self.scheduler_key, self.mode = scheduler_key, mode
         self.loader_key, self.metric_key = loader_key, metric_key
         self._schedulers: dict[str | None, Any] = {}
+        # batch mode: per scheduler, the OptimizerCallback stepping its optimizer (None: none
+        # does, step every batch) and that callback's step count when this one last stepped
+        self._owners: dict[str | None, OptimizerCallback | None] = {}
+        self._seen: dict[str | None, int] = {}
 
     def on_stage_start(self, runner: Any) -> None:
         scheduler = select(runner.scheduler, self.scheduler_key, "scheduler", "SchedulerCallback")
@@ -52,6 +65,22 @@ class SchedulerCallback(Callback):
             raise ValueError(
                 "ReduceLROnPlateau needs SchedulerCallback(mode='epoch', loader_key=..., metric_key=...)"
             )
+        if plateau and self.loader_key not in runner.loaders:
+            raise ValueError(
+                f"SchedulerCallback: loader_key={self.loader_key!r}, whose metric "
+                f"ReduceLROnPlateau follows, is not a loader of stage {runner.stage_key!r}; "
+                f"have {list(runner.loaders)}"
+            )
+        stepping = [
+            inner
+            for inner in map(unwrap_callback, runner.callbacks.values())
+            if isinstance(inner, OptimizerCallback)
+        ]
+        self._owners = {
+            key: _owner(stepping, getattr(scheduler, "optimizer", None), runner)
+            for key, scheduler in self._schedulers.items()
+        }
+        self._seen = {key: o.step_count if o else 0 for key, o in self._owners.items()}
 
     def _learning_rates(self) -> dict[str, float]:
         rates = {}
@@ -63,21 +92,46 @@ class SchedulerCallback(Callback):
     def on_batch_end(self, runner: Any) -> None:
         if self.mode != "batch" or not runner.is_train_loader:
             return
-        for scheduler in self._schedulers.values():
-            scheduler.step()
+        self._step_with_optimizers(every_batch=True)
         runner.batch_metrics.update(self._learning_rates())
 
     def on_loader_end(self, runner: Any) -> None:
-        if runner.is_train_loader:
-            runner.loader_metrics.update(self._learning_rates())
+        if not runner.is_train_loader:
+            return
+        if self.mode == "batch":  # OptimizerCallback steps a window left open at loader end
+            self._step_with_optimizers(every_batch=False)
+        runner.loader_metrics.update(self._learning_rates())
+
+    def _step_with_optimizers(self, every_batch: bool) -> None:
+        for key, scheduler in self._schedulers.items():
+            owner = self._owners.get(key)
+            if owner is None:
+                if every_batch:
+                    scheduler.step()
+                continue
+            for _ in range(owner.step_count - self._seen[key]):
+                scheduler.step()
+            self._seen[key] = owner.step_count
 
     def on_epoch_end(self, runner: Any) -> None:
         if self.mode != "epoch":
             return
         for scheduler in self._schedulers.values():
             if isinstance(scheduler, ReduceLROnPlateau):
+                if loader_skipped(runner, self.loader_key):
+                    continue  # no new value this epoch (PeriodicLoaderCallback): not counted
                 value = epoch_metric(runner, self.loader_key, self.metric_key, "SchedulerCallback")
                 scheduler.step(value)
             else:
                 scheduler.step()
         runner.epoch_metrics.setdefault("_epoch_", {}).update(self._learning_rates())
+
+
+def _owner(
+    callbacks: list[OptimizerCallback], optimizer: Any, runner: Any
+) -> OptimizerCallback | None:
+    """The OptimizerCallback stepping `optimizer`, if any (the first, should several)."""
+    for callback in callbacks:
+        if any(candidate is optimizer for candidate in callback.optimizers_of(runner)):
+            return callback
+    return None

@@ -1,17 +1,27 @@
 """Mid-epoch position: what a checkpoint needs to continue a loader at its next batch.
 
-`capture` runs on every rank (it gathers each rank's partial metric states and RNG state in one
-collective); `restore` puts them back, whatever the new world size: partial metric states are
-all "sum"-like, so rank 0 takes the states of every saved rank merged and the other ranks start
-empty, which gives the same loader metrics.
+`capture` runs on every rank (it gathers each rank's partial metric states, RNG state and
+accumulated gradients in one collective); `restore` puts them back, whatever the new world size:
+partial metric states are all "sum"-like, so rank 0 takes the states of every saved rank merged
+and the other ranks start empty, which gives the same loader metrics.
+
+Gradients: a save inside a gradient-accumulation window (OptimizerCallback with
+``accumulation_steps`` > 1) finds the window's gradients on the parameters; under DDP they are
+rank-local (accumulated under ``no_sync``, all-reduced only on the step batch). Each rank's are
+saved and, on the same world size, each rank gets its own back, so the resumed run is bit-exact.
+On another world size every rank gets their mean instead (with one warning): DDP's step
+averages over ranks, so the saved batches still add the same amount to the window's step, but
+the run is not bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from ddprun.checkpoint import restore_rng_state, rng_state
 from ddprun.metrics import AdditiveMetric, Metric
@@ -34,6 +44,7 @@ def capture(runner: Any) -> dict[str, Any]:
         "tracked": [_cpu_states(m) for m in runner._tracked_metrics],
         "averages": _averages_with_current_batch(runner),
         "rng": rng_state(),
+        "grads": _gradients(runner),
     }
     batch_size = runner.loader_batch_size or runner.batch_size
     return {
@@ -86,6 +97,77 @@ def restore_metrics(runner: Any, position: Mapping[str, Any]) -> None:
         metric.replace_states(_merge(metric, [r["tracked"][index] for r in ranks]))
     for key, average in runner._batch_averages.items():
         average.replace_states(_merge(average, [r["averages"][key] for r in ranks]))
+
+
+def _modules(runner: Any) -> dict[str, nn.Module]:
+    """The model's and the criterion's modules: ``model``, ``model/<key>`` (a dict), ...
+    (a criterion can hold trainable parameters)."""
+    modules = {}
+    for part in ("model", "criterion"):
+        component = runner.engine.unwrap(getattr(runner, part))
+        named = component if isinstance(component, Mapping) else {None: component}
+        for key, module in named.items():
+            if isinstance(module, nn.Module):
+                modules[part if key is None else f"{part}/{key}"] = module
+    return modules
+
+
+def _gradients(runner: Any) -> dict[str, dict[str, torch.Tensor]] | None:
+    """This rank's gradients, ``{module (see _modules): {parameter name: CPU copy}}``; None
+    when no parameter holds one (the usual case: saves right after an optimizer step)."""
+    grads = {}
+    for key, module in _modules(runner).items():
+        named = {
+            name: p.grad.detach().to("cpu", copy=True)
+            for name, p in module.named_parameters()
+            if p.grad is not None
+        }
+        if named:
+            grads[key] = named
+    return grads or None
+
+
+def restore_gradients(runner: Any, position: Mapping[str, Any], source: str = "") -> None:
+    """Put the gradients saved mid-accumulation back on the parameters (see the module
+    docstring); parameters without a saved gradient get none. Checkpoints written before
+    gradients were saved leave the parameters untouched."""
+    ranks = position["ranks"]
+    if any("grads" not in r for r in ranks):
+        return
+    saved = [r["grads"] for r in ranks]
+    engine = runner.engine
+    if len(ranks) == engine.world_size:
+        grads = saved[max(engine.rank, 0)]
+    else:
+        grads = _mean_gradients(saved)
+        if grads is not None and engine.is_master:
+            warnings.warn(
+                f"resume: {source or 'the checkpoint'} was saved inside a gradient-accumulation "
+                f"window by {len(ranks)} rank(s) and resumes on {engine.world_size}: their "
+                "rank-local accumulated gradients cannot carry over one to one, so every rank "
+                "starts from their mean (the window's step gets the same contribution from the "
+                "saved batches, but the run is not bit-identical to an uninterrupted one)",
+                stacklevel=2,
+            )
+    for key, module in _modules(runner).items():
+        named = (grads or {}).get(key, {})
+        for name, param in module.named_parameters():
+            value = named.get(name)
+            param.grad = None if value is None else value.to(param.device, param.dtype, copy=True)
+
+
+def _mean_gradients(saved: list[Any]) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The mean over saved ranks (a rank without a gradient counts as zero), or None."""
+    total: dict[str, dict[str, torch.Tensor]] = {}
+    for grads in saved:
+        for key, named in (grads or {}).items():
+            for name, value in named.items():
+                slot = total.setdefault(key, {})
+                slot[name] = slot[name] + value if name in slot else value.clone()
+    for named in total.values():
+        for value in named.values():
+            value.div_(len(saved))
+    return total or None
 
 
 def restore_rng(runner: Any, position: Mapping[str, Any]) -> None:

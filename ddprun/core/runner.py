@@ -46,9 +46,12 @@ from typing import Any
 
 import torch
 
-from ddprun.core import resume
+from ddprun.core import loader_sync, resume
 from ddprun.core.callback import Callback, Event, build_dispatch, keep_for_rank, sort_callbacks
+from ddprun.core.runner_hooks import RunnerHooks, metrics_held_by, with_runner_hooks
 from ddprun.core.stop import RunStopped, StopFlag, StopVote
+from ddprun.data.workers import shield_loader_workers
+from ddprun.engines.factory import check_engine_fits_launch, default_engine
 from ddprun.metrics import AdditiveMetric, Metric, synchronized
 from ddprun.utils import set_global_seed
 
@@ -57,7 +60,7 @@ class RunnerError(RuntimeError):
     """The runner was given something it cannot run (names what and what was expected)."""
 
 
-class IRunner:
+class IRunner(RunnerHooks):
     """Owns the loop and the state; users override the ``get_*`` factories and `handle_batch`.
 
     Args:
@@ -80,6 +83,7 @@ class IRunner:
         self.model = model
         self.engine = engine
         self.criterion = self.optimizer = self.scheduler = None
+        self.trial: Any = None  # an optuna trial, when the run is one (Runner.train(trial=...))
         self.loaders: dict[str, Any] = {}
         self.callbacks: dict[str, Callback] = {}
         self.loggers: dict[str, Any] = {}
@@ -125,12 +129,11 @@ class IRunner:
         return 1
 
     def get_engine(self) -> Any:
-        """The engine (default: the one given to the constructor, else DeviceEngine())."""
+        """The engine (default: the one given to the constructor, else the one the launch
+        calls for: DDP under a launcher with WORLD_SIZE > 1, else DeviceEngine())."""
         if self.engine is not None:
             return self.engine
-        from ddprun.engines import DeviceEngine
-
-        return DeviceEngine()
+        return default_engine()
 
     def get_loggers(self) -> dict[str, Any]:
         """Loggers for the whole experiment (default: a console logger)."""
@@ -202,6 +205,7 @@ class IRunner:
     def run(self) -> IRunner:
         """Run the experiment: every stage, in this process or in spawned DDP workers."""
         self.engine = self.get_engine()
+        check_engine_fits_launch(self.engine)  # before anything runs or is written
         if self.engine.needs_spawn():
             self.engine.spawn(self)
             return self
@@ -254,12 +258,13 @@ class IRunner:
                 break
         self._fire_callbacks(Event.STAGE_END)
         self.model = self.engine.unwrap(self.model)
+        self.criterion = self.engine.unwrap(self.criterion)
 
     def _run_epoch(self) -> None:
         self.global_epoch_step += 1
         self.stage_epoch_step += 1
         self.epoch_metrics = {}
-        set_global_seed(self.seed + self.global_epoch_step + max(self.engine.rank, 0))
+        set_global_seed(epoch_seed(self.seed, self.global_epoch_step, self.engine))
         self._fire_callbacks(Event.EPOCH_START)
         position = self._take_resume_position()
         for loader_key, loader in self.loaders.items():
@@ -277,6 +282,10 @@ class IRunner:
     def _run_loader(self, loader_key: str, loader: Any, position: Any = None) -> None:
         self._start_loader(loader_key, loader)
         self._fire_callbacks(Event.LOADER_START)
+        for metric in metrics_held_by(self):  # e.g. meters the runner made in on_loader_start
+            if all(metric is not tracked for tracked in self._tracked_metrics):
+                # on the engine's device: the packed reduction runs there (NCCL: the GPU)
+                self._tracked_metrics.append(metric.to(self.device))
         batches = iter(loader) if position is None else self._resume_loader(loader, position)
         with torch.set_grad_enabled(self.is_train_loader):
             for batch in batches:
@@ -321,10 +330,15 @@ class IRunner:
         now = time.perf_counter()
         if self.stop_check_every_n_batches is not None:
             proposal = max(1, int(self.stop_check_every_n_batches))
+        elif self._stop_from_loader_start and self._stop_check_batches < 2:
+            # measured from the loader's start, one batch covers no batch_end callbacks (the
+            # backward and step): too short a step; measure again over the next batch
+            proposal = 1
         else:
             step = (now - self._stop_check_time) / max(self._stop_check_batches, 1)
             proposal = self.stop_check_seconds / step if step > 0 else self.stop_check_max_batches
             proposal = int(min(max(proposal, 1), self.stop_check_max_batches))
+        self._stop_from_loader_start = False
         signum, every = _agreement(self.engine.agree_to_stop(self._stop_flag.signum, proposal))
         self._adopt_agreement(signum, every)
         self._stop_countdown = self._stop_check_batches = self._stop_every
@@ -366,12 +380,15 @@ class IRunner:
         self._exact_keys: set[str] = set()
         self._batch_averages: dict[str, AdditiveMetric] = {}
         self._batch_loggers: list[Any] = []
+        # batch-metric keys every rank packs at loader end (None: not agreed yet this run)
+        self._agreed_keys: set[str] | None = None
         # batches to the next stop agreement: the same on every rank (see _agree_to_stop); the
         # first agreement comes after one batch (adaptive) and sets the pace from then on
         fixed = self.stop_check_every_n_batches
         self._stop_every = 1 if fixed is None else max(1, int(fixed))
         self._stop_countdown = self._stop_check_batches = self._stop_every
         self._stop_check_time = 0.0
+        self._stop_from_loader_start = True
         # Set by CheckpointCallback when resuming: the mid-epoch position to continue from,
         # and the loaded checkpoint of a resume that was asked for (consumed once).
         self.resume_position: dict[str, Any] | None = None
@@ -386,6 +403,7 @@ class IRunner:
         self.loaders = self.engine.prepare_loaders(
             _check_loaders(self.get_loaders(stage)), self.seed
         )
+        shield_loader_workers(self.loaders)  # stop signals are the rank's, not its workers'
         model = self.get_model(stage)
         if model is None:
             raise RunnerError(f"get_model({stage!r}) returned None; expected a module or a dict")
@@ -399,7 +417,9 @@ class IRunner:
         self.callbacks = {k: cb for k, cb in callbacks.items() if keep_for_rank(cb, rank)}
         self._dispatch = build_dispatch(self.callbacks)
         # bound methods, resolved once per stage: no getattr per callback and event
-        self._bound = {e: [getattr(c, e.value) for c in cbs] for e, cbs in self._dispatch.items()}
+        bound = {e: [getattr(c, e.value) for c in cbs] for e, cbs in self._dispatch.items()}
+        # the runner is a callback too: its own overridden on_* methods join the dispatch
+        self._bound = with_runner_hooks(self, bound)
 
     def _start_loader(self, loader_key: str, loader: Any) -> None:
         self.loader_key = loader_key
@@ -420,6 +440,7 @@ class IRunner:
         # loader-end sync or evaluation
         self._stop_check_time = time.perf_counter()
         self._stop_check_batches = self._stop_countdown
+        self._stop_from_loader_start = True
 
     def _average_batch_metrics(self) -> None:
         # Every batch_metrics value is averaged over the loader, weighted by batch size, in
@@ -434,25 +455,50 @@ class IRunner:
             average.update(value, self.batch_size)
 
     def _end_loader(self) -> None:
-        # Evaluation splits may differ by a batch across ranks, so loader ends are where all
-        # ranks meet to agree on a stop, inside the one metric reduction; a stop agreed here
-        # takes effect after the epoch's checkpoint.
+        # Evaluation splits may differ by a batch across ranks (a rank may have none), so loader
+        # ends are where all ranks meet to agree on a stop, inside the one metric reduction; a
+        # stop agreed here takes effect after the epoch's checkpoint.
         in_flight, every = _agreement(self.engine.drain_stop_agreement())
         if every is not None:
             self._stop_every = every  # the drained answer still sets the pace, on every rank
-        vote = StopVote(self._stop_flag.signum or in_flight, self.device)
-        # sorted: every rank must pack the same states in the same order
-        averages = [self._batch_averages[key] for key in sorted(self._batch_averages)]
-        metrics = [*self._tracked_metrics, *averages, vote]
-        with synchronized(metrics, self.engine.collectives):
-            self.stop_signal = vote.compute()
-            self._fire_callbacks(Event.LOADER_END)
-            for key, average in self._batch_averages.items():
-                if key not in self.loader_metrics:
-                    self.loader_metrics[key] = average.compute()[0]
+        signum = self._stop_flag.signum or in_flight
+        if self.is_train_loader:
+            self.engine.finish_steps()
+        collectives = self.engine.collectives
+        if collectives is not None and self._agreed_keys is None:
+            self._agreed_keys = loader_sync.gather_keys(self._batch_averages, set(), self.engine)
+        while not self._sync_loader(signum, collectives):
+            # a rank logged a key the others do not pack yet: agree on the keys, reduce again
+            self._agreed_keys = loader_sync.gather_keys(
+                self._batch_averages, self._agreed_keys, self.engine
+            )
         self.loader_metrics = {k: _to_float(v) for k, v in self.loader_metrics.items()}
         self.epoch_metrics[self.loader_key] = dict(self.loader_metrics)
         self.log_metrics(self.loader_metrics, scope="loader")
+
+    def _sync_loader(self, signum: int | None, collectives: Any) -> bool:
+        """One packed reduction of every metric state, then the loader-end callbacks inside it.
+
+        Returns False, having run no callback, when some rank holds batch-metric keys outside
+        the agreed set (see `ddprun.core.loader_sync`).
+        """
+        agreed = self._agreed_keys if collectives is not None else None
+        averages = loader_sync.averages_to_pack(self._batch_averages, agreed, self.device)
+        outside = agreed is not None and not agreed.issuperset(self._batch_averages)
+        vote, keys = StopVote(signum, self.device), loader_sync.KeyVote(outside, self.device)
+        metrics = [*self._tracked_metrics, *averages.values(), vote, keys]
+        with synchronized(metrics, collectives):
+            if not keys.compute():
+                return False
+            self.stop_signal = vote.compute()
+            # the averages first, as Catalyst's CriterionCallback has the loss there before
+            # later callbacks and the runner's own on_loader_end; a callback's value wins
+            for key, average in averages.items():
+                mean = loader_sync.mean_if_reported(average)
+                if mean is not None:
+                    self.loader_metrics[key] = mean
+            self._fire_callbacks(Event.LOADER_END)
+        return True
 
     def _fire_callbacks(self, event: Event) -> None:
         for method in self._bound[event]:
@@ -465,6 +511,16 @@ class IRunner:
 
 
 # --------------------------------------------------------------------- helpers
+def epoch_seed(seed: int, epoch: int, engine: Any) -> int:
+    """The seed of one rank's epoch: ``seed + epoch * world_size + rank``.
+
+    Distinct for every (epoch, rank) pair of a run, so no rank replays another rank's random
+    stream of another epoch (``seed + epoch + rank`` made rank 0 at epoch e+1 repeat rank 1
+    at epoch e); in one process it is ``seed + epoch``, as before.
+    """
+    return seed + epoch * max(engine.world_size, 1) + max(engine.rank, 0)
+
+
 def _agreement(answer: Any) -> tuple[int | None, int | None]:
     """An engine's stop agreement as ``(signal, batches to the next check)``; engines written
     before the interval was agreed return the signal alone."""
@@ -525,6 +581,10 @@ def _set_sampler_epoch(loader: Any, epoch: int) -> None:
         if hasattr(candidate, "set_epoch"):
             candidate.set_epoch(epoch)
             return
+    # an iterable dataset reseeds its own stream (webdataset, HF datasets style)
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
 
 
 def _to_float(value: Any) -> float:

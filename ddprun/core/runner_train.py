@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Generator, Iterable, Mapping
 from typing import Any
 
 import torch
 
+from ddprun.core import inference
 from ddprun.core.callback import Callback, sort_callbacks
 from ddprun.core.runner import IRunner, RunnerError
+from ddprun.engines.factory import default_engine
 from ddprun.utils import set_global_seed
 
 
@@ -74,7 +77,7 @@ class Runner(IRunner):
         self,
         *,
         model: Any,
-        loaders: Mapping[str, Any],
+        loaders: Mapping[str, Any] | None = None,
         criterion: Any = None,
         optimizer: Any = None,
         scheduler: Any = None,
@@ -94,13 +97,20 @@ class Runner(IRunner):
         resume: str | None = None,
         amp: bool = False,
         ddp: bool = False,
+        fp16: bool = False,
+        apex: bool = False,
+        check: bool = False,
+        overfit: bool = False,
+        trial: Any = None,
     ) -> None:
         """Train `model` on `loaders` for `num_epochs` epochs (one stage, "train").
 
         Args:
             model: a module or a dict of modules.
             loaders: ordered dict of loaders; ``train*`` keys train, others evaluate.
-            criterion, optimizer, scheduler: objects or dicts of them.
+            criterion, optimizer, scheduler: objects or dicts of them. A scheduler is stepped
+                by a SchedulerCallback(mode="epoch") added when `callbacks` has none (a
+                ReduceLROnPlateau on `valid_loader`/`valid_metric`).
             engine: the engine; default chosen from `amp`/`ddp` and the hardware.
             callbacks: dict or list of callbacks.
             loggers: dict of loggers (default: console; plus CSV and TensorBoard with logdir).
@@ -111,7 +121,17 @@ class Runner(IRunner):
             load_best_on_end: load the best checkpoint into the model after training
                 (needs `logdir`).
             resume: a checkpoint path to restore full state from before training.
-            amp, ddp: pick AMPEngine / DistributedDataParallel(AMP)Engine when `engine` is None.
+            amp, ddp: pick AMPEngine / DistributedDataParallel(AMP)Engine when `engine` is None;
+                under a launcher with WORLD_SIZE > 1 the DDP engine is chosen without `ddp`.
+            fp16, apex: Catalyst's names for mixed precision: both mean `amp` (torch's native
+                AMP; `apex` warns once that NVIDIA APEX is replaced by it).
+            check: a short check run (CheckRunCallback: 3 batches per loader, 3 epochs).
+            overfit: train on one batch per loader (BatchOverfitCallback).
+            trial: an optuna trial, kept as `runner.trial` (its params are the hparams when
+                none are given).
+
+        `loaders=None` takes the loaders from `get_loaders(stage)`, for a subclass that
+        overrides it.
         """
         from ddprun import callbacks as cbs
         from ddprun import loggers as lgs
@@ -120,22 +140,43 @@ class Runner(IRunner):
             raise RunnerError("load_best_on_end=True needs a logdir to save the best checkpoint in")
         if num_epochs < 1:
             raise RunnerError(f"num_epochs must be >= 1, got {num_epochs}")
-        if logdir is not None and valid_loader not in loaders:
+        if loaders is None and type(self).get_loaders is Runner.get_loaders:
+            raise RunnerError("train() needs loaders=..., or a get_loaders(stage) override")
+        if apex:
+            warnings.warn(
+                "ddprun: apex=True runs torch's native AMP (torch.autocast and GradScaler); "
+                "NVIDIA APEX is not used",
+                stacklevel=2,
+            )
+        amp = amp or fp16 or apex
+        if logdir is not None and loaders is not None and valid_loader not in loaders:
             raise RunnerError(
                 f"valid_loader={valid_loader!r} is not a loader key (have {list(loaders)}); "
                 "pass valid_loader= naming the loader whose metric selects the best checkpoint"
             )
         self.model = model
-        self.engine = engine if engine is not None else _default_engine(amp=amp, ddp=ddp)
+        self.engine = engine if engine is not None else default_engine(amp=amp, ddp=ddp)
         self._loaders, self._num_epochs, self._seed = loaders, int(num_epochs), int(seed)
         self._criterion, self._optimizer, self._scheduler = criterion, optimizer, scheduler
+        self.trial = trial
+        if hparams is None and trial is not None:
+            hparams = dict(getattr(trial, "params", {}) or {})
         self._hparams = dict(hparams or {})
         self._loggers = _default_loggers(loggers, logdir, lgs)
-        callbacks = sort_callbacks(callbacks)
+        callbacks = self._component_callbacks(sort_callbacks(callbacks))
+        if check and not _has(callbacks, cbs.CheckRunCallback):
+            callbacks["_check"] = cbs.CheckRunCallback()
+        if overfit and not _has(callbacks, cbs.BatchOverfitCallback):
+            callbacks["_overfit"] = cbs.BatchOverfitCallback()
         if verbose and not _has(callbacks, cbs.TqdmCallback):
             callbacks["_verbose"] = cbs.TqdmCallback()
         if timeit and not _has(callbacks, cbs.TimerCallback):
             callbacks["_timer"] = cbs.TimerCallback()
+        if scheduler is not None and not _has(callbacks, cbs.SchedulerCallback):
+            # stepped every epoch (all of a dict); a ReduceLROnPlateau follows valid_metric
+            callbacks["_scheduler"] = cbs.SchedulerCallback(
+                loader_key=valid_loader, metric_key=valid_metric
+            )
         if logdir is not None and not _has(callbacks, cbs.CheckpointCallback):
             callbacks["_checkpoint"] = cbs.CheckpointCallback(
                 logdir=logdir,
@@ -150,8 +191,13 @@ class Runner(IRunner):
         for callback in callbacks.values():  # the user's own CheckpointCallback honours them too
             if isinstance(callback, cbs.CheckpointCallback):
                 callback.apply_train_options(load_best_on_end, resume)
-        self._callbacks = callbacks
+        self._callbacks = sort_callbacks(callbacks)
         self.run()
+
+    def _component_callbacks(self, callbacks: dict[str, Callback]) -> dict[str, Callback]:
+        """Callbacks `train` adds for the given components (SupervisedRunner adds criterion
+        and optimizer callbacks); none here."""
+        return callbacks
 
     # ---------------------------------------------------------------- inference
     def predict_batch(self, batch: Any, **kwargs: Any) -> Any:
@@ -166,11 +212,29 @@ class Runner(IRunner):
         engine: Any = None,
         seed: int = 42,
         resume: str | None = None,
+        gather: bool = False,
     ) -> Generator[Any, None, None]:
-        """Yield `predict_batch(batch)` for every batch, in eval mode without gradients.
+        """Yield `predict_batch(batch)` for every batch of `loader`: eval mode, no gradients,
+        the batch moved to the device, the forward under the engine's autocast.
 
-        Uses the given engine, else the runner's, else a DeviceEngine; `resume` loads model
-        weights from a checkpoint first.
+        The engine is `engine`, else the runner's, else a DeviceEngine (it becomes the
+        runner's engine); `resume` first loads model weights from a checkpoint. Prediction runs
+        in this process, with no process group: a DDP engine lends its device and precision to
+        a one-process engine (see `ddprun.core.inference.inference_engine`), which is
+        ``runner.engine`` while the generator runs. So after a spawn-mode DDP run the parent
+        predicts with rank 0's weights on rank 0's device, and under a launcher every rank
+        predicts the whole loader.
+
+        Args:
+            gather: with a DDP engine under a launcher, split the loader across ranks instead:
+                the engine joins the process group (again, after ``train``), every rank takes
+                rank 0's model state and predicts one contiguous block of the loader (no
+                padding, no duplicates), and one gather at the loader's end hands rank 0 every
+                prediction, on the CPU, in the loader's order; the group is left again before
+                the first yield. Rank 0 yields them (batch boundaries follow the ranks' blocks:
+                concatenated, they equal the one-process predictions); the other ranks yield
+                nothing. Without a launcher or a DDP engine this process is rank 0 and
+                predicts the whole loader.
         """
         from ddprun.engines import DeviceEngine
 
@@ -178,17 +242,36 @@ class Runner(IRunner):
         model = model if model is not None else self.model
         if model is None:
             raise RunnerError("predict_loader needs a model: pass model= or train first")
+        runner_engine = self.engine
+        split = gather and inference.can_split(runner_engine)
+        joined = inference.join_group(runner_engine) if split else False
+        local = inference.inference_engine(runner_engine)
         if resume is not None:
-            self.engine.unpack_checkpoint(
-                self.engine.load_checkpoint(resume), model=model, source=str(resume)
-            )
-        self.model = self.engine.prepare_model(self.engine.unwrap(model))
+            local.unpack_checkpoint(local.load_checkpoint(resume), model=model, source=str(resume))
+        self.model = local.prepare_model(model)
+        if split:
+            inference.sync_from_rank0(runner_engine, self.model)
         set_global_seed(seed)
         _eval_mode(self.model)
-        for batch in loader:
-            with torch.no_grad():  # not around the yield: the caller's code keeps its grad mode
-                output = self.predict_batch(batch)
-            yield output
+        self.engine = local  # predict_batch may use runner.device / runner.engine
+        try:
+            if not split:
+                for batch in loader:
+                    yield self._predict_on(local, batch)
+                return
+            sharded = inference.split_loader(runner_engine, loader, seed)
+            outputs = [inference.to_cpu(self._predict_on(local, b)) for b in sharded]
+            outputs = inference.gather_in_order(runner_engine, outputs, local.device)
+            if joined:
+                runner_engine.teardown()
+            yield from outputs or ()
+        finally:
+            self.engine = runner_engine
+
+    def _predict_on(self, engine: Any, batch: Any) -> Any:
+        # not around the yield: the caller's code keeps its grad mode and precision
+        with torch.no_grad(), engine.autocast():
+            return self.predict_batch(engine.move(batch))
 
     def evaluate_loader(
         self,
@@ -202,6 +285,11 @@ class Runner(IRunner):
 
         Keeps this runner's engine and criterion (no engine re-selection); `callbacks=None`
         works and gives the averages of whatever `handle_batch` puts in `batch_metrics`.
+        With a DDP engine under a launcher (also after ``train``) the engine joins the process
+        group again and the ranks split the loader, as for a validation loader: every rank
+        gets the exact metrics of the whole loader. In the parent of a spawn-mode DDP run the
+        pass runs in-process, on rank 0's device (see `predict_loader`), so the `callbacks`
+        given here see every batch; the runner's engine stays the DDP engine.
         """
         from ddprun import callbacks as cbs
 
@@ -211,34 +299,32 @@ class Runner(IRunner):
         model = model if model is not None else self.model
         if model is None:
             raise RunnerError("evaluate_loader needs a model: pass model= or train first")
-        self.train(
-            model=self.engine.unwrap(model) if self.engine is not None else model,
-            loaders={"valid": loader},
-            criterion=self._criterion,
-            engine=self.engine,
-            callbacks=callbacks,
-            loggers={},
-            seed=seed,
-            num_epochs=1,
-            verbose=verbose,
-        )
+        engine = self.engine
+        spawn_parent = engine is not None and engine.is_ddp and engine.needs_spawn()
+        run_engine = inference.inference_engine(engine) if spawn_parent else engine
+        try:
+            self.train(
+                model=self.engine.unwrap(model) if self.engine is not None else model,
+                loaders={"valid": loader},
+                criterion=self._criterion,
+                engine=run_engine,
+                callbacks=callbacks,
+                loggers={},
+                seed=seed,
+                num_epochs=1,
+                verbose=verbose,
+            )
+        finally:
+            if spawn_parent:
+                self.engine = engine
         return dict(self.loader_metrics)
 
 
 def _has(callbacks: Mapping[str, Callback], kind: type) -> bool:
-    return any(isinstance(cb, kind) for cb in callbacks.values())
+    """Whether a callback of `kind` is given, also inside a ControlFlowCallback."""
+    from ddprun.callbacks.control import unwrap_callback
 
-
-def _default_engine(amp: bool, ddp: bool) -> Any:
-    from ddprun import engines
-
-    if ddp:
-        return (
-            engines.DistributedDataParallelAMPEngine()
-            if amp
-            else engines.DistributedDataParallelEngine()
-        )
-    return engines.AMPEngine() if amp else engines.DeviceEngine()
+    return any(isinstance(unwrap_callback(cb), kind) for cb in callbacks.values())
 
 
 def _default_loggers(loggers: Mapping[str, Any] | None, logdir: Any, lgs: Any) -> dict[str, Any]:

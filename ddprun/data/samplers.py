@@ -1,11 +1,13 @@
 """Distributed samplers with a resumable position.
 
-Three samplers, chosen by the DDP engine per loader:
+Four samplers, chosen by the DDP engine per loader (see ``ddprun.data.sharding``):
 
 - ``ResumableDistributedSampler``: torch's ``DistributedSampler`` (training loaders; the same
   permutation on every rank for a given ``seed + epoch``, padded to divide evenly).
 - ``DistributedSamplerWrapper``: shards the indices of ANY user sampler (for example a
   ``WeightedRandomSampler``); every rank draws the same list, then takes its stride.
+- ``DistributedBatchSamplerWrapper``: the same for a user's batch sampler (length bucketing, ...):
+  whole batches are dealt, so every rank runs the same number of training batches.
 - ``UnpaddedDistributedSampler``: evaluation loaders; every index exactly once over all ranks, no
   padding, so loader metrics are exact.
 
@@ -32,6 +34,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from typing_extensions import override
 
 __all__ = [
+    "DistributedBatchSamplerWrapper",
     "DistributedSamplerWrapper",
     "ResumableDistributedSampler",
     "UnpaddedDistributedSampler",
@@ -75,17 +78,19 @@ def _materialize(sampler: Sampler[Any], seed: int) -> list[Any]:
     """Draws one epoch of ``sampler``'s indices, identically on every process for a given seed.
 
     Samplers with a ``generator`` attribute (RandomSampler, WeightedRandomSampler,
-    SubsetRandomSampler) get a fresh generator seeded with ``seed``; their own is put back after.
+    SubsetRandomSampler), and the ``sampler`` inside a batch sampler, get a fresh generator seeded
+    with ``seed``; their own is put back after.
     """
+    owners = [s for s in (sampler, getattr(sampler, "sampler", None)) if hasattr(s, "generator")]
     with _seeded_rngs(seed):
-        if not hasattr(sampler, "generator"):
-            return list(sampler)
-        original = sampler.generator
-        sampler.generator = torch.Generator().manual_seed(seed)
+        originals = [owner.generator for owner in owners]
         try:
+            for owner in owners:
+                owner.generator = torch.Generator().manual_seed(seed)
             return list(sampler)
         finally:
-            sampler.generator = original
+            for owner, original in zip(owners, originals):
+                owner.generator = original
 
 
 class _ResumablePosition:
@@ -242,18 +247,37 @@ class DistributedSamplerWrapper(_ResumablePosition, Sampler[Any]):
         drop_last: bool = False,
     ) -> None:
         self.sampler = sampler
+        self._init_shards(num_replicas, rank, seed, drop_last)
+
+    def _init_shards(
+        self, num_replicas: int | None, rank: int | None, seed: int, drop_last: bool
+    ) -> None:
         self.num_replicas, self.rank = _resolve_world(num_replicas, rank)
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
         self._init_position()
 
+    def _wrapped(self) -> Any:
+        """The sampler whose list is dealt."""
+        return self.sampler
+
     @property
     def total_size(self) -> int:
         """Returns the length of the padded (or trimmed) list shared by all ranks."""
-        length, n = len(self.sampler), self.num_replicas  # type: ignore[arg-type]
+        length, n = len(self._wrapped()), self.num_replicas
         rounded = length // n if self.drop_last else math.ceil(length / n)
         return rounded * n
+
+    @override
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch (see `_ResumablePosition.set_epoch`) and passes it on to the wrapped
+        sampler when it has ``set_epoch`` (an epoch-aware user sampler reshuffles as it would
+        alone)."""
+        super().set_epoch(epoch)
+        inner = self._wrapped()
+        if hasattr(inner, "set_epoch"):
+            inner.set_epoch(epoch)
 
     @override
     def _epoch_length(self) -> int:
@@ -261,12 +285,47 @@ class DistributedSamplerWrapper(_ResumablePosition, Sampler[Any]):
 
     @override
     def _epoch_indices(self) -> list[Any]:
-        indices = _materialize(self.sampler, self.seed + self.epoch)
+        indices = _materialize(self._wrapped(), self.seed + self.epoch)
         total = self.total_size
         if len(indices) < total and indices:
             repeats = math.ceil((total - len(indices)) / len(indices))
             indices += (indices * repeats)[: total - len(indices)]
         return indices[:total][self.rank : total : self.num_replicas]
+
+
+class DistributedBatchSamplerWrapper(DistributedSamplerWrapper):
+    """Shards the batches of any batch sampler across ranks (training loaders).
+
+    Each epoch the batch sampler is drawn once, seeded as in `DistributedSamplerWrapper`, so every
+    rank sees the same list of batches; the list is padded by repeating its first batches (or
+    trimmed with ``drop_last``) to a multiple of ``num_replicas`` and rank ``r`` takes batches
+    ``r, r + n, r + 2n, ...``. Batches are never split or regrouped, so every rank runs the same
+    number of batches (DDP's gradient all-reduce needs that) and a bucketing sampler's buckets
+    stay intact. Give it to a DataLoader as ``batch_sampler``.
+
+    The batch sampler is kept as ``batch_sampler``, not ``sampler``: the runner calls
+    ``set_epoch`` on a loader's ``batch_sampler.sampler`` first, and this wrapper must get it (it
+    passes it on to the batch sampler).
+
+    Args:
+        batch_sampler: any batch sampler with ``__len__`` (yields lists of indices).
+        num_replicas, rank, seed, drop_last: as in `DistributedSamplerWrapper`.
+    """
+
+    def __init__(
+        self,
+        batch_sampler: Sampler[list[Any]],
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        self.batch_sampler = batch_sampler
+        self._init_shards(num_replicas, rank, seed, drop_last)
+
+    @override
+    def _wrapped(self) -> Any:
+        return self.batch_sampler
 
 
 class UnpaddedDistributedSampler(_ResumablePosition, Sampler[Any]):

@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,33 +23,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader
 
 from ddprun import distributed
-from ddprun.data.samplers import (
-    DistributedSamplerWrapper,
-    ResumableDistributedSampler,
-    UnpaddedDistributedSampler,
-)
+from ddprun.checkpoint import unwrap_module
+from ddprun.data.sharding import shard_loader
 from ddprun.engines.device import parse_dtype
 from ddprun.engines.engine import IEngine, map_components
 from ddprun.engines.precision import MixedPrecision
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-_LOADER_KWARGS = (
-    "batch_size",
-    "num_workers",
-    "collate_fn",
-    "pin_memory",
-    "drop_last",
-    "timeout",
-    "worker_init_fn",
-    "multiprocessing_context",
-    "generator",
-    "prefetch_factor",
-    "persistent_workers",
-    "pin_memory_device",
-)
 
 
 class DistributedDataParallelEngine(IEngine):
@@ -141,10 +123,19 @@ class DistributedDataParallelEngine(IEngine):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
         cuda = dist.get_backend() == "nccl" and torch.cuda.is_available()
-        self._device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
+        self._device = torch.device(
+            f"cuda:{distributed.cuda_index(self.local_rank)}" if cuda else "cpu"
+        )
+        if self.sync_bn and self.device.type != "cuda":
+            raise ValueError(
+                f"sync_bn=True needs CUDA devices (SyncBatchNorm runs on GPUs), but rank "
+                f"{self.rank} computes on {self.device}; drop sync_bn, or run on GPUs (NCCL)"
+            )
         self._configure_precision()
         # control messages (stop agreement) on their own CPU group: never a device sync
         self._control_group = dist.new_group(backend="gloo")
+        # waiting for rank 0's checkpoint write: a CPU group with its own, longer timeout
+        self._file_group = dist.new_group(backend="gloo", timeout=checkpoint_timeout())
         self._stop_buffers = [torch.zeros(2, dtype=torch.int64) for _ in range(2)]
         self._stop_pending: Any = None
         self._stop_calls = 0
@@ -157,11 +148,23 @@ class DistributedDataParallelEngine(IEngine):
         distributed.shutdown_process_group()
 
     # -------------------------------------------------------------- components
-    def prepare_model(self, model: Any) -> Any:
-        """Per entry: to the device, SyncBatchNorm if asked, DDP if it has trainable params."""
-        return map_components(model, self._wrap)
+    def prepare_criterion(self, criterion: Any) -> Any:
+        """Criteria with trainable parameters (learnable loss weights, a metric-learning head
+        inside the loss) are wrapped in DDP like models, so their gradients are averaged and
+        they stay identical on every rank; the others only move to the device."""
+
+        def prepare(part: Any) -> Any:
+            if not isinstance(part, nn.Module):
+                return part
+            # moves it; wraps only when it has trainable parameters; a compiled criterion is
+            # compiled again around its DDP wrapper, as models are
+            return self._prepare_module(part)
+
+        return map_components(criterion, prepare)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
+        """To the device, SyncBatchNorm if asked, DDP if it has trainable params (a compiled
+        model's original module: `prepare_model` compiles the DDP module again)."""
         module = self.unwrap(module).to(self.device)
         if not any(p.requires_grad for p in module.parameters()):
             return module  # frozen modules need no gradient sync
@@ -173,48 +176,18 @@ class DistributedDataParallelEngine(IEngine):
         return nn.parallel.DistributedDataParallel(module, **kwargs)
 
     def prepare_loaders(self, loaders: Mapping[str, DataLoader], seed: int) -> dict[str, Any]:
-        """Shard every loader: train loaders like DistributedSampler (same permutation on every
-        rank), other loaders without padding so their metrics are exact."""
+        """Shard every loader across ranks (see ``ddprun.data.sharding``): training loaders keep
+        the same batch count on every rank, other loaders count every sample exactly once."""
         return {key: self._shard(key, loader, seed) for key, loader in loaders.items()}
 
     def _shard(self, key: str, loader: Any, seed: int) -> Any:
-        if not isinstance(loader, DataLoader) or loader.batch_size is None:
-            if self.is_master:
-                warnings.warn(
-                    f"ddprun: loader {key!r} has a custom batch_sampler or is not a DataLoader; "
-                    "it is not sharded across ranks, so every rank sees all of it. Give it a "
-                    "distributed sampler yourself (e.g. ddprun.data.UnpaddedDistributedSampler).",
-                    stacklevel=2,
-                )
-            return loader
-        sampler = loader.sampler
-        if isinstance(
-            sampler, (DistributedSampler, DistributedSamplerWrapper, UnpaddedDistributedSampler)
-        ):
-            return loader
-        ws, rank = self.world_size, self.rank
-        if not key.startswith("train"):
-            custom = None if isinstance(sampler, SequentialSampler) else sampler
-            new = UnpaddedDistributedSampler(loader.dataset, ws, rank, sampler=custom)
-        elif isinstance(sampler, (RandomSampler, SequentialSampler)):
-            shuffle = isinstance(sampler, RandomSampler)
-            new = ResumableDistributedSampler(
-                loader.dataset, ws, rank, shuffle=shuffle, seed=seed, drop_last=loader.drop_last
-            )
-        else:
-            new = DistributedSamplerWrapper(
-                sampler, ws, rank, seed=seed, drop_last=loader.drop_last
-            )
-        kwargs = {name: getattr(loader, name) for name in _LOADER_KWARGS if hasattr(loader, name)}
-        if not kwargs.get("num_workers"):
-            kwargs.pop("prefetch_factor", None)
-            kwargs["persistent_workers"] = False
-        return DataLoader(loader.dataset, sampler=new, shuffle=False, **kwargs)
+        return shard_loader(loader, key, self.rank, self.world_size, seed)
 
     @contextlib.contextmanager
     def no_sync(self, model: Any) -> Iterator[None]:
         """Skip DDP's gradient all-reduce inside (accumulation steps); unwrapped modules,
         e.g. frozen ones, have nothing to sync and pass through."""
+        model = getattr(model, "_orig_mod", model)  # compiled(DDP(module)): the DDP inside
         if isinstance(model, nn.parallel.DistributedDataParallel):
             with model.no_sync():
                 yield
@@ -303,6 +276,10 @@ class DistributedDataParallelEngine(IEngine):
         else:
             dist.barrier()
 
+    def checkpoint_barrier(self) -> None:
+        """Wait for rank 0's checkpoint write on the file group (DDPRUN_CHECKPOINT_TIMEOUT)."""
+        dist.barrier(group=self._file_group)
+
 
 class DistributedDataParallelAMPEngine(DistributedDataParallelEngine):
     """DDP with autocast: fp16 + GradScaler on CUDA, bf16 on CPU (by default).
@@ -337,9 +314,22 @@ def collective_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=float(os.environ.get("DDPRUN_COLLECTIVE_TIMEOUT", "600")))
 
 
+def checkpoint_timeout() -> datetime.timedelta:
+    """How long ranks wait for rank 0's checkpoint write: DDPRUN_CHECKPOINT_TIMEOUT seconds,
+    default 1800 (a large model on a slow shared filesystem), apart from the collective
+    timeout."""
+    return datetime.timedelta(seconds=float(os.environ.get("DDPRUN_CHECKPOINT_TIMEOUT", "1800")))
+
+
+#: How collective timeouts read: gloo ("Timed out waiting ..."), NCCL's watchdog ("... ran for
+#: N milliseconds before timing out") and the error NCCL ops raise once the watchdog aborted
+#: the communicators (TORCH_NCCL_ASYNC_ERROR_HANDLING=2, set by ddprun when unset).
+_TIMEOUT_MARKS = ("timed out", "before timing out", "collective operation timeout")
+
+
 def _is_timeout(error: BaseException) -> bool:
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("Timed out" in text or "timed out" in text)
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(mark in text for mark in _TIMEOUT_MARKS)
 
 
 def _wait_for_ranks(store: Any, world_size: int, seconds: float) -> list[int]:
@@ -369,10 +359,13 @@ def _spawned_worker(
 ) -> None:
     """Entry of each spawned worker: the launcher environment, then the whole experiment.
 
-    The worker leaves through ``exit_process`` so that it never enters interpreter
-    finalization with a live process group (see ``ddprun.distributed``); a failure is written
-    to ``rank<N>.error`` in `folder` for the parent to report once.
+    The worker exits like a Python program (``ddprun.process_exit``): the user's `atexit`
+    handlers run and open files are flushed, on failure too, and the process group is torn
+    down without racing gloo's threads; a failure is written to ``rank<N>.error`` in `folder`
+    for the parent to report once.
     """
+    from ddprun import process_exit
+
     os.environ.update(
         {
             "RANK": str(local_rank),
@@ -384,21 +377,23 @@ def _spawned_worker(
         }
     )
     distributed.set_parent_death_signal()
+    process_exit.arm()
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    status = 0
     try:
         runner = pickle.loads(payload)
         runner.run()
         if local_rank == 0:
             torch.save(_rank0_result(runner), Path(folder) / "rank0.pt")
     except SystemExit as stop:  # RunStopped (a stop signal, after saving): not a failure report
-        distributed.exit_process(stop.code if isinstance(stop.code, int) else 1)
+        status = stop.code if isinstance(stop.code, int) else 1
     except BaseException:
         message = traceback.format_exc()
         Path(folder, f"rank{local_rank}.error").write_text(message)
         print(message, file=sys.stderr, flush=True)
-        distributed.exit_process(1)
-    distributed.exit_process(0)
+        status = 1
+    process_exit.leave(status)
 
 
 def _failure_summary(folder: Path, error: Exception) -> str:
@@ -412,7 +407,9 @@ def _failure_summary(folder: Path, error: Exception) -> str:
 
 
 def _rank0_result(runner: Any) -> dict[str, Any]:
-    model = runner.engine.unwrap(runner.model)
+    # plain module states (no `module.`/`_orig_mod.` prefix): they load into the parent's
+    # model whether or not it is compiled
+    model = map_components(runner.model, unwrap_module)
     states = map_components(model, lambda m: {k: v.cpu() for k, v in m.state_dict().items()})
     keep = (
         "global_epoch_step",
@@ -431,9 +428,9 @@ def _adopt_rank0_result(runner: Any, result: dict[str, Any]) -> None:
     model = runner.model if runner.model is not None else runner.get_model(result["stage_key"])
     if isinstance(model, Mapping):
         for key, module in model.items():
-            module.load_state_dict(states[key])
+            unwrap_module(module).load_state_dict(states[key])
     else:
-        model.load_state_dict(states)
+        unwrap_module(model).load_state_dict(states)
     runner.model = model
     for name, value in result.items():
         setattr(runner, name, value)

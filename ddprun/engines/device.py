@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddprun.engines.engine import IEngine, map_components
+from ddprun.engines.engine import IEngine
 from ddprun.engines.precision import MixedPrecision
 
 
@@ -61,9 +61,6 @@ class DataParallelEngine(IEngine):
             raise RuntimeError("DataParallelEngine needs CUDA; use DeviceEngine('cpu') instead")
         super().__init__(f"cuda:{torch.cuda.current_device()}")
 
-    def prepare_model(self, model: Any) -> Any:
-        def wrap(module: nn.Module) -> nn.Module:
-            module = self.unwrap(module).to(self.device)  # never wrap twice across stages
-            return nn.DataParallel(module)
-
-        return map_components(model, wrap)
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        """The plain module (`prepare_model` strips old wrappers) on the device, in DataParallel."""
+        return nn.DataParallel(module.to(self.device))

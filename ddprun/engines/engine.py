@@ -16,6 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ddprun import checkpoint as ckpt_io
+from ddprun.atomic import atomic_copy
+from ddprun.data.sharding import seeded_shuffle
+from ddprun.engines.compiled import split_compiled, strip_parallel
 from ddprun.engines.precision import Precision
 from ddprun.utils import any2device
 
@@ -74,8 +77,21 @@ class IEngine:
 
     # -------------------------------------------------------------- components
     def prepare_model(self, model: Any) -> Any:
-        """Move the model (or each dict entry) to the device and wrap it as the engine needs."""
-        return map_components(model, lambda m: m.to(self.device))
+        """Move the model (or each dict entry) to the device and wrap it as the engine needs.
+
+        A compiled model (``torch.compile``) is taken apart: the engine wraps the original
+        module and the wrapper is compiled again with the same options, the order torch
+        recommends for DDP (see `ddprun.engines.compiled`).
+        """
+        return map_components(model, self._prepare_module)
+
+    def _prepare_module(self, module: Any) -> Any:
+        plain, compile_again = split_compiled(module)
+        return compile_again(self._wrap(plain))
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        """One plain module on the device, in this engine's wrapper (none here)."""
+        return module.to(self.device)
 
     def prepare_criterion(self, criterion: Any) -> Any:
         """Move criteria holding buffers (class weights) to the device."""
@@ -85,12 +101,20 @@ class IEngine:
     def prepare_loaders(
         self, loaders: Mapping[str, DataLoader], seed: int
     ) -> dict[str, DataLoader]:
-        """Give loaders the samplers this engine needs (DDP shards them); unchanged here."""
-        return dict(loaders)
+        """Give loaders the samplers this engine needs (DDP shards them). One process: a
+        ``shuffle=True`` training loader draws its order from the run's seed, as a DDP rank
+        does (`ddprun.data.sharding.seeded_shuffle`), so one process with batch N*b trains on
+        the same samples per step as N ranks with batch b; other loaders are unchanged."""
+        return {
+            key: seeded_shuffle(loader, seed) if key.startswith("train") else loader
+            for key, loader in loaders.items()
+        }
 
     def unwrap(self, model: Any) -> Any:
-        """The plain module(s) inside any wrapper."""
-        return map_components(model, ckpt_io.unwrap_module)
+        """The module(s) without the engine's wrappers (DataParallel, DDP). A compiled model
+        stays compiled, around its plain module, so later stages and inference keep the
+        compilation; checkpoints take states from `checkpoint.unwrap_module` (no prefix)."""
+        return map_components(model, strip_parallel)
 
     def move(self, batch: Any) -> Any:
         """Move a batch (tensors inside dicts/lists/tuples) to the device."""
@@ -112,6 +136,12 @@ class IEngine:
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Step the optimizer (through the scaler when there is one)."""
         self.precision.step(optimizer)
+
+    def finish_steps(self) -> None:
+        """Called at the end of a training loader: apply what the optimizer steps still owe
+        (AMP: the one GradScaler update of the last iteration, which waits for every
+        optimizer of that iteration to step)."""
+        self.precision.finish_steps()
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         """Clear gradients of the optimizer's parameters (set to None: no memset)."""
@@ -143,6 +173,18 @@ class IEngine:
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """`obj` as rank `src` has it."""
         return obj
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """Every rank's picklable `obj` on rank `dst`, in rank order; None on the other ranks
+        (keep tensors on the CPU). With more than one process it needs the live default group,
+        which only the DDP engines join."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        gathered: list[Any] | None = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, gathered, dst=dst)
+        return gathered
 
     def barrier(self) -> None:
         """Wait for every rank."""
@@ -195,11 +237,19 @@ class IEngine:
             self.load_state_dict({"scaler": checkpoint["scaler_state_dict"]})
 
     def save_checkpoint(self, obj: Any, path: str | Path | Sequence[str | Path]) -> None:
-        """Atomic write(s) of `obj` on the master only; then every rank passes one barrier."""
+        """Write `obj` atomically on the master only, serialised once: further paths (best,
+        an epoch file) become hard links of the first (or copies); then every rank passes
+        `checkpoint_barrier`."""
         paths = [path] if isinstance(path, (str, Path)) else list(path)
-        if self.is_master:
-            for target in paths:
-                ckpt_io.save_checkpoint(obj, target)
+        if self.is_master and paths:
+            first = ckpt_io.save_checkpoint(obj, paths[0])
+            for target in paths[1:]:
+                atomic_copy(first, target)
+        self.checkpoint_barrier()
+
+    def checkpoint_barrier(self) -> None:
+        """Wait for the master's checkpoint write (DDP: on a group with its own, longer
+        timeout, so a slow filesystem never trips the training collective timeout)."""
         self.barrier()
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:

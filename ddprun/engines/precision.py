@@ -2,6 +2,13 @@
 
 `Precision` is plain fp32: its hooks pass straight through. `MixedPrecision` owns autocast and,
 for fp16, the GradScaler whose state goes into checkpoints.
+
+Several optimizers per iteration (a GAN, an encoder and a head with their own optimizers) follow
+torch's recipe for GradScaler: one scaled backward, each optimizer unscaled (when clipping) and
+stepped, then exactly one ``scaler.update()``. The update is deferred until it is needed (the
+next scaled backward, a checkpoint of the scaler, or the training loader's end), so every
+optimizer stepped in between shares one scale, whoever drives the steps (OptimizerCallback, one
+OptimizerCallback per optimizer, or a user's own loop).
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ class Precision:
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Apply the optimizer step."""
         optimizer.step()
+
+    def finish_steps(self) -> None:
+        """Apply what the optimizer steps so far still owe (the scaler's one update)."""
 
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint (the scaler's, when there is one)."""
@@ -68,14 +78,27 @@ class MixedPrecision(Precision):
         )
         self.name = "bf16" if self.dtype == torch.bfloat16 else "fp16"
         self._unscaled: set[int] = set()
+        # an optimizer stepped through the scaler since the last update(): update once, later
+        self._update_pending = False
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def finish_steps(self) -> None:
+        self._flush_update()
+
+    def _flush_update(self) -> None:
+        """Run the one ``scaler.update()`` owed by the steps of the last iteration."""
+        if self._update_pending:
+            self.scaler.update()
+            self._update_pending = False
+            self._unscaled.clear()
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.scaler is None:
             loss.backward()
         else:
+            self._flush_update()  # a new iteration: the previous one's steps are all done
             self.scaler.scale(loss).backward()
 
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:
@@ -88,13 +111,18 @@ class MixedPrecision(Precision):
         if self.scaler is None:
             optimizer.step()
             return
+        # no update() here: other optimizers of this iteration must step with the same scale
         self.scaler.step(optimizer)
-        self.scaler.update()
-        self._unscaled.discard(id(optimizer))
+        self._update_pending = True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        if self.scaler is None:
+            return {}
+        self._flush_update()  # the saved scale is the one the next iteration uses
+        return {"scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if self.scaler is not None and state and "scaler" in state:
+            self._update_pending = False
+            self._unscaled.clear()
             self.scaler.load_state_dict(state["scaler"])

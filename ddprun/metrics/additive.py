@@ -10,7 +10,7 @@ from typing_extensions import override
 
 from ddprun.metrics.metric import Metric
 
-__all__ = ["AdditiveMetric"]
+__all__ = ["AdditiveMetric", "AdditiveValueMetric"]
 
 
 class AdditiveMetric(Metric):
@@ -98,3 +98,7 @@ class AdditiveMetric(Metric):
             raise ValueError("AdditiveMetric.compute_key_value() needs the metric_key argument")
         mean, std = self.compute()
         return {self.metric_key: mean, f"{self.metric_key}/std": std}
+
+
+#: Catalyst's name for the same metric (``metrics.AdditiveValueMetric`` in its docs).
+AdditiveValueMetric = AdditiveMetric

@@ -2,6 +2,11 @@
 
 All states are int64 counts reduced by "sum", so `ddprun.metrics.sync.synchronized` makes them exact
 across ranks, and the math is the one in `ddprun.metrics.functional`.
+
+Binary models: single-score outputs (B,) or (B, 1) with 0/1 targets (B,) or (B, 1) predict class 1
+where the score is > `threshold` (default 0.0, for logits; pass 0.5 for probabilities). Accuracy is
+then the binary accuracy, and the precision/recall/F1 and confusion-matrix metrics take
+`num_classes=2` (class 1's values are scikit-learn's `average="binary"` ones).
 """
 
 from __future__ import annotations
@@ -39,15 +44,21 @@ class AccuracyMetric(Metric):
     """Owns exact top-k accuracy over a loader: correct counts per k and the number of samples.
 
     Args:
-        topk: the k values; keys are `accuracy01`, `accuracy03`, ... (two-digit k).
+        topk: the k values; keys are `accuracy01`, `accuracy03`, ... (two-digit k). Single-score
+            (binary) outputs allow only k=1.
         compute_on_call: whether calling the metric returns `compute()`.
+        threshold: the binary decision threshold for single-score outputs (0.0 for logits, 0.5
+            for probabilities); unused for (B, C) scores.
     """
 
-    def __init__(self, topk: Sequence[int] = (1,), compute_on_call: bool = True) -> None:
+    def __init__(
+        self, topk: Sequence[int] = (1,), compute_on_call: bool = True, threshold: float = 0.0
+    ) -> None:
         super().__init__(compute_on_call=compute_on_call)
         if len(topk) == 0 or min(topk) < 1:
             raise ValueError(f"topk must be a non-empty sequence of k >= 1, got {tuple(topk)}")
         self.topk = tuple(topk)
+        self.threshold = float(threshold)
         self.add_state("correct", _counts(len(self.topk)), "sum")
         self.add_state("total", _counts(), "sum")
 
@@ -61,17 +72,21 @@ class AccuracyMetric(Metric):
         """Adds one batch, without a host sync.
 
         Args:
-            outputs: scores (B, C), or predicted labels (B,) (then only k=1 is valid).
-            targets: labels (B,) or one-hot (B, C).
+            outputs: scores (B, C); or single scores / labels (B,) or (B, 1) (binary, k=1 only).
+            targets: labels (B,) / (B, 1) or one-hot (B, C).
 
         Returns:
             This batch's accuracy per k, as 0-dim float tensors on the outputs' device.
+
+        Raises:
+            ValueError: if the shapes do not match (see `ddprun.metrics.functional.check_shapes`).
         """
         count = targets.shape[0]
         if (
             self.topk == (1,)
             and outputs.dim() == 2
             and outputs.shape[1] > 1
+            and outputs.shape[0] == count
             and targets.dim() == 1
             and not targets.is_floating_point()
         ):
@@ -81,7 +96,7 @@ class AccuracyMetric(Metric):
             self.correct.add_(correct)
             self.total.add_(count)
             return [correct / count]
-        correct = F.topk_correct(outputs, targets, self.topk)
+        correct = F.topk_correct(outputs, targets, self.topk, self.threshold)
         self.correct.add_(correct)
         self.total.add_(count)
         return list((correct.to(torch.get_default_dtype()) / count).unbind(0))
@@ -125,13 +140,19 @@ class MulticlassPrecisionRecallF1SupportMetric(Metric):
     classes that never occur in the targets or the predictions.
 
     Args:
-        num_classes: C.
+        num_classes: C (2 for single-score binary outputs).
         zero_division: the value of a 0/0 ratio, 0 or 1.
         compute_on_call: whether calling the metric returns `compute()`.
+        threshold: the binary decision threshold for single-score outputs (0.0 for logits, 0.5
+            for probabilities); unused for (B, C) scores.
     """
 
     def __init__(
-        self, num_classes: int, zero_division: float = 0, compute_on_call: bool = True
+        self,
+        num_classes: int,
+        zero_division: float = 0,
+        compute_on_call: bool = True,
+        threshold: float = 0.0,
     ) -> None:
         super().__init__(compute_on_call=compute_on_call)
         _check_num_classes(num_classes)
@@ -139,6 +160,7 @@ class MulticlassPrecisionRecallF1SupportMetric(Metric):
             raise ValueError(f"zero_division must be 0 or 1, got {zero_division!r}")
         self.num_classes = num_classes
         self.zero_division = float(zero_division)
+        self.threshold = float(threshold)
         for name in ("tp", "fp", "fn", "support"):
             self.add_state(name, _counts(num_classes), "sum")
 
@@ -147,10 +169,15 @@ class MulticlassPrecisionRecallF1SupportMetric(Metric):
         """Adds one batch's per-class counts in place, without a host sync.
 
         Args:
-            outputs: scores (B, C) or predicted labels (B,).
-            targets: labels (B,) or one-hot (B, C).
+            outputs: scores (B, C), single scores (B,) / (B, 1) (binary) or labels (B,).
+            targets: labels (B,) / (B, 1) or one-hot (B, C).
+
+        Raises:
+            ValueError: if the shapes do not match each other or `num_classes`.
         """
-        F.add_class_counts_(self.tp, self.fp, self.fn, self.support, outputs, targets)
+        F.add_class_counts_(
+            self.tp, self.fp, self.fn, self.support, outputs, targets, self.threshold
+        )
 
     @override
     def compute(self) -> PrecisionRecallF1Support:
@@ -190,19 +217,26 @@ class ConfusionMatrixMetric(Metric):
     `compute()` (the confusion-matrix callback logs it as an image).
 
     Args:
-        num_classes: C.
+        num_classes: C (2 for single-score binary outputs).
         normalize: whether `compute()` divides each row by its number of samples (rows without
             samples stay 0).
         compute_on_call: whether calling the metric returns `compute()`.
+        threshold: the binary decision threshold for single-score outputs (0.0 for logits, 0.5
+            for probabilities); unused for (B, C) scores.
     """
 
     def __init__(
-        self, num_classes: int, normalize: bool = False, compute_on_call: bool = True
+        self,
+        num_classes: int,
+        normalize: bool = False,
+        compute_on_call: bool = True,
+        threshold: float = 0.0,
     ) -> None:
         super().__init__(compute_on_call=compute_on_call)
         _check_num_classes(num_classes)
         self.num_classes = num_classes
         self.normalize = normalize
+        self.threshold = float(threshold)
         self.add_state("matrix", _counts(num_classes, num_classes), "sum")
 
     @override
@@ -210,10 +244,13 @@ class ConfusionMatrixMetric(Metric):
         """Adds one batch in place, without a host sync.
 
         Args:
-            outputs: scores (B, C) or predicted labels (B,).
-            targets: labels (B,) or one-hot (B, C).
+            outputs: scores (B, C), single scores (B,) / (B, 1) (binary) or labels (B,).
+            targets: labels (B,) / (B, 1) or one-hot (B, C).
+
+        Raises:
+            ValueError: if the shapes do not match each other or `num_classes`.
         """
-        F.add_confusion_(self.matrix, outputs, targets)
+        F.add_confusion_(self.matrix, outputs, targets, self.threshold)
 
     @override
     def compute(self) -> Tensor:

@@ -5,12 +5,18 @@ no `.item()`, no `.cpu()`, no Python branching on tensor values. Counting uses `
 pre-sized tensor instead of `torch.bincount`, because `bincount` reads the maximum label back to the
 host to size its output (a device sync on CUDA).
 
-Input conventions (shared by every function):
+Input conventions (shared by every function; `check_shapes` enforces them):
 
-- `outputs` of shape (B, C) with C >= 2 are scores (logits or probabilities); the prediction is the
-  arg-max. `outputs` of shape (B,) or (B, 1) are predicted labels and are cast to int64.
-- `targets` of shape (B,) or (B, 1) are labels; (B, C) targets are one-hot (or soft) and their
-  arg-max is the label.
+- Multiclass: `outputs` of shape (B, C) with C >= 2 are scores (logits or probabilities); the
+  prediction is the arg-max. `targets` are class indices of shape (B,) or (B, 1), or one-hot (or
+  soft) (B, C) rows whose arg-max is the label.
+- Binary: floating `outputs` of shape (B,) or (B, 1) are one score per sample; the prediction is
+  class 1 where the score is strictly greater than `threshold` (default 0.0, right for logits as
+  fed to `BCEWithLogitsLoss`; pass 0.5 for probabilities). `targets` are 0/1 labels of shape (B,)
+  or (B, 1), int or float. Float scores are never truncated to class ids.
+- Integer or bool `outputs` of shape (B,) or (B, 1) are predicted labels, used as they are.
+- Floating targets of shape (B,) or (B, 1) are rounded to the nearest integer (so label-smoothed
+  0.05/0.95 give 0/1). Only shapes are checked, never values (that would be a host sync).
 """
 
 from __future__ import annotations
@@ -25,23 +31,80 @@ __all__ = [
     "add_class_counts_",
     "add_confusion_",
     "aggregate_prf",
+    "check_shapes",
     "class_counts",
     "confusion_matrix",
     "precision_recall_fbeta_from_counts",
     "precision_recall_fbeta_support",
+    "predicted_labels",
     "to_labels",
     "topk_correct",
 ]
 
 
-def to_labels(tensor: Tensor) -> Tensor:
-    """Turns scores (B, C) into arg-max labels and labels (B,) or (B, 1) into a flat int64 vector.
+def _shape_error(outputs: Tensor, targets: Tensor, why: str) -> ValueError:
+    """A ValueError naming both shapes, what is wrong and what `check_shapes` accepts."""
+    return ValueError(
+        f"outputs of shape {tuple(outputs.shape)} and targets of shape {tuple(targets.shape)} "
+        f"{why}; expected outputs (B, C) with targets (B,), (B, 1) or (B, C) (multiclass), or "
+        "single-score outputs (B,) or (B, 1) with 0/1 targets (B,) or (B, 1) (binary)"
+    )
+
+
+def check_shapes(outputs: Tensor, targets: Tensor) -> None:
+    """Rejects an outputs/targets pair that fits neither the multiclass nor the binary convention.
+
+    Reads only shapes (Python ints): no device work, no host sync, no string built unless raising.
+
+    Raises:
+        ValueError: naming both shapes and what was expected, when a tensor is not 1- or
+            2-dimensional, the batch sizes differ, a (B, C) target goes with single-score outputs
+            (one-hot? multi-label? ambiguous), or one-hot targets have another C.
+    """
+    # One read of each torch.Size (a tuple), then plain tuple work: under 1 us per batch.
+    out, tgt = outputs.shape, targets.shape
+    if not (1 <= len(out) <= 2 and 1 <= len(tgt) <= 2):
+        raise _shape_error(outputs, targets, "are not 1- or 2-dimensional")
+    if out[0] != tgt[0]:
+        raise _shape_error(outputs, targets, "have different batch sizes")
+    if out[1:] == (0,):
+        raise _shape_error(outputs, targets, "have no score column")
+    if len(tgt) == 2 and tgt[1] > 1:
+        if out[1:] in ((), (1,)):
+            raise _shape_error(
+                outputs,
+                targets,
+                "are ambiguous (single scores with multi-column targets; for one-hot binary "
+                "targets give (B, 2) scores)",
+            )
+        if tgt[1] != out[1]:
+            raise _shape_error(outputs, targets, "have different numbers of classes")
+
+
+def predicted_labels(outputs: Tensor, threshold: float = 0.0) -> Tensor:
+    """The predicted class of each row as a flat int64 vector.
 
     Args:
-        tensor: scores of shape (B, C) with C >= 2, or labels of shape (B,) or (B, 1).
+        outputs: scores (B, C) with C >= 2 (arg-max); floating single scores (B,) or (B, 1)
+            (class 1 where score > `threshold`); or integer/bool labels (B,) or (B, 1) (as they are).
+        threshold: the binary decision threshold: 0.0 for logits, 0.5 for probabilities.
 
     Returns:
         An int64 tensor of shape (B,).
+    """
+    if outputs.dim() == 2 and outputs.shape[1] > 1:
+        return outputs.argmax(dim=1)
+    flat = outputs.reshape(-1)
+    if flat.is_floating_point():
+        return flat.gt(threshold).long()
+    return flat.long()
+
+
+def to_labels(tensor: Tensor) -> Tensor:
+    """Targets as a flat int64 label vector (for outputs use `predicted_labels`).
+
+    (B, C) rows (one-hot or soft) give their arg-max; (B,) or (B, 1) labels are flattened, float
+    ones rounded to the nearest integer.
     """
     if tensor.dim() == 2 and tensor.shape[1] > 1:
         return tensor.argmax(dim=1)
@@ -49,11 +112,28 @@ def to_labels(tensor: Tensor) -> Tensor:
         raise ValueError(
             f"expected a tensor of shape (B,), (B, 1) or (B, C); got {tuple(tensor.shape)}"
         )
-    return tensor.reshape(-1).long()
+    flat = tensor.reshape(-1)
+    return flat.round().long() if flat.is_floating_point() else flat.long()
+
+
+def _check_num_classes(outputs: Tensor, num_classes: int) -> None:
+    """Rejects scores whose column count is not `num_classes`, and single scores unless it is 2."""
+    columns = outputs.shape[1:]
+    if columns not in ((), (1,)):
+        if columns != (num_classes,):
+            raise ValueError(
+                f"outputs of shape {tuple(outputs.shape)} score {columns[0]} classes, "
+                f"but num_classes={num_classes}; expected (B, {num_classes}) outputs"
+            )
+    elif num_classes != 2 and outputs.is_floating_point():
+        raise ValueError(
+            f"single-score outputs of shape {tuple(outputs.shape)} are binary (classes 0 and 1), "
+            f"so num_classes must be 2; got num_classes={num_classes}"
+        )
 
 
 def _num_scores(outputs: Tensor) -> int:
-    """The number of ranked candidates per row: C for scores, 1 for label outputs."""
+    """The number of ranked candidates per row: C for scores, 1 for single scores or labels."""
     return outputs.shape[1] if outputs.dim() == 2 else 1
 
 
@@ -65,33 +145,38 @@ def _check_topk(topk: Sequence[int], num_candidates: int) -> None:
         if not 1 <= k <= num_candidates:
             raise ValueError(
                 f"top-k accuracy needs 1 <= k <= C, got k={k} and C={num_candidates} "
-                "(outputs of shape (B,) or (B, 1) are labels, so C=1 for them)"
+                "(outputs of shape (B,) or (B, 1) hold one score or label per row, so C=1)"
             )
 
 
-def topk_correct(outputs: Tensor, targets: Tensor, topk: Sequence[int] = (1,)) -> Tensor:
+def topk_correct(
+    outputs: Tensor, targets: Tensor, topk: Sequence[int] = (1,), threshold: float = 0.0
+) -> Tensor:
     """Counts, for each k, the rows whose target is among the k highest scores.
 
     Args:
-        outputs: scores (B, C), or predicted labels (B,) / (B, 1) (then only k=1 is valid).
+        outputs: scores (B, C); or a single score / label per row, (B,) or (B, 1) (binary: only
+            k=1 is valid, a float score > `threshold` predicts class 1).
         targets: labels (B,) / (B, 1), or one-hot (B, C).
         topk: the k values.
+        threshold: the binary decision threshold (0.0 for logits, 0.5 for probabilities).
 
     Returns:
         An int64 tensor of shape (len(topk),) on the outputs' device.
 
     Raises:
-        ValueError: if a k is below 1 or above the number of classes C.
+        ValueError: on shapes `check_shapes` rejects, or a k below 1 or above C.
     """
+    check_shapes(outputs, targets)
     num_candidates = _num_scores(outputs)
     _check_topk(topk, num_candidates)
     labels = to_labels(targets)
     if max(topk) == 1:
         # Top-1 only (the default): arg-max, no topk sort, cumsum or stack.
-        correct = to_labels(outputs).eq(labels).sum()
+        correct = predicted_labels(outputs, threshold).eq(labels).sum()
         return correct.reshape(1) if len(topk) == 1 else correct.repeat(len(topk))
     if num_candidates == 1:
-        hits = to_labels(outputs).eq(labels).unsqueeze(1)
+        hits = predicted_labels(outputs, threshold).eq(labels).unsqueeze(1)
     else:
         ranked = outputs.topk(max(topk), dim=1).indices
         hits = ranked.eq(labels.unsqueeze(1))
@@ -103,27 +188,37 @@ def topk_correct(outputs: Tensor, targets: Tensor, topk: Sequence[int] = (1,)) -
     return torch.stack([within[k - 1] for k in topk])
 
 
-def accuracy(outputs: Tensor, targets: Tensor, topk: Sequence[int] = (1,)) -> list[Tensor]:
+def accuracy(
+    outputs: Tensor, targets: Tensor, topk: Sequence[int] = (1,), threshold: float = 0.0
+) -> list[Tensor]:
     """Top-k accuracy: the fraction of rows whose target is among the top-k of `outputs`.
 
     Args:
-        outputs: scores (B, C), or predicted labels (B,) / (B, 1) (then only k=1 is valid).
+        outputs: scores (B, C); or a single score / label per row, (B,) or (B, 1) (binary: only
+            k=1 is valid, a float score > `threshold` predicts class 1).
         targets: labels (B,) / (B, 1), or one-hot (B, C).
         topk: the k values.
+        threshold: the binary decision threshold (0.0 for logits, 0.5 for probabilities).
 
     Returns:
         One 0-dim float tensor per k, on the outputs' device (NaN for an empty batch).
 
     Raises:
-        ValueError: if a k is below 1 or above the number of classes C.
+        ValueError: on shapes `check_shapes` rejects, or a k below 1 or above C.
     """
-    correct = topk_correct(outputs, targets, topk)
+    correct = topk_correct(outputs, targets, topk, threshold)
     fractions = correct.to(torch.get_default_dtype()) / targets.shape[0]
     return list(fractions.unbind(0))
 
 
 def add_class_counts_(
-    tp: Tensor, fp: Tensor, fn: Tensor, support: Tensor, outputs: Tensor, targets: Tensor
+    tp: Tensor,
+    fp: Tensor,
+    fn: Tensor,
+    support: Tensor,
+    outputs: Tensor,
+    targets: Tensor,
+    threshold: float = 0.0,
 ) -> None:
     """Adds one batch's per-class true/false positives, false negatives and support in place.
 
@@ -132,10 +227,16 @@ def add_class_counts_(
         fp: (C,) int64 false positives, updated in place.
         fn: (C,) int64 false negatives, updated in place.
         support: (C,) int64 number of targets of each class, updated in place.
-        outputs: scores (B, C) or predicted labels (B,).
-        targets: labels (B,) or one-hot (B, C).
+        outputs: scores (B, C), single scores (B,) / (B, 1) (binary, C must be 2) or labels (B,).
+        targets: labels (B,) / (B, 1) or one-hot (B, C).
+        threshold: the binary decision threshold (0.0 for logits, 0.5 for probabilities).
+
+    Raises:
+        ValueError: if the shapes do not match each other or C.
     """
-    preds, labels = to_labels(outputs), to_labels(targets)
+    check_shapes(outputs, targets)
+    _check_num_classes(outputs, tp.shape[0])
+    preds, labels = predicted_labels(outputs, threshold), to_labels(targets)
     correct = preds.eq(labels).to(tp.dtype)
     wrong = 1 - correct
     tp.index_add_(0, labels, correct)
@@ -146,21 +247,22 @@ def add_class_counts_(
 
 
 def class_counts(
-    outputs: Tensor, targets: Tensor, num_classes: int
+    outputs: Tensor, targets: Tensor, num_classes: int, threshold: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-class counts of one batch.
 
     Args:
-        outputs: scores (B, C) or predicted labels (B,).
-        targets: labels (B,) or one-hot (B, C).
+        outputs: scores (B, C), single scores (B,) / (B, 1) (binary, C must be 2) or labels (B,).
+        targets: labels (B,) / (B, 1) or one-hot (B, C).
         num_classes: C.
+        threshold: the binary decision threshold (0.0 for logits, 0.5 for probabilities).
 
     Returns:
         (tp, fp, fn, support), each an int64 tensor of shape (C,).
     """
     counts = torch.zeros(4, num_classes, dtype=torch.int64, device=outputs.device)
     tp, fp, fn, support = counts.unbind(0)
-    add_class_counts_(tp, fp, fn, support, outputs, targets)
+    add_class_counts_(tp, fp, fn, support, outputs, targets, threshold)
     return tp, fp, fn, support
 
 
@@ -244,54 +346,69 @@ def precision_recall_fbeta_support(
     num_classes: int,
     beta: float = 1.0,
     zero_division: float = 0.0,
+    threshold: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-class precision, recall, F-beta and support of one set of predictions.
 
-    Equals scikit-learn's `precision_recall_fscore_support(average=None, labels=range(C))`.
+    Equals scikit-learn's `precision_recall_fscore_support(average=None, labels=range(C))`. For
+    single-score outputs pass num_classes=2: class 1 is predicted where score > `threshold`, and
+    class 1's values are scikit-learn's `average="binary"` ones.
 
     Args:
-        outputs: scores (B, C) or predicted labels (B,).
-        targets: labels (B,) or one-hot (B, C).
+        outputs: scores (B, C), single scores (B,) / (B, 1) (binary, C must be 2) or labels (B,).
+        targets: labels (B,) / (B, 1) or one-hot (B, C).
         num_classes: C.
         beta: weight of recall in the F-score.
         zero_division: value for a 0/0 ratio (0 or 1).
+        threshold: the binary decision threshold (0.0 for logits, 0.5 for probabilities).
 
     Returns:
         (precision, recall, fbeta) as (C,) float64 tensors and support as a (C,) int64 tensor
         (the number of targets of each class).
     """
-    tp, fp, _, support = class_counts(outputs, targets, num_classes)
+    tp, fp, _, support = class_counts(outputs, targets, num_classes, threshold)
     precision, recall, fbeta = precision_recall_fbeta_from_counts(
         tp, fp, support, beta, zero_division
     )
     return precision, recall, fbeta, support
 
 
-def add_confusion_(matrix: Tensor, outputs: Tensor, targets: Tensor) -> None:
+def add_confusion_(
+    matrix: Tensor, outputs: Tensor, targets: Tensor, threshold: float = 0.0
+) -> None:
     """Adds one batch to a (C, C) confusion matrix in place (rows = target, columns = prediction).
 
     Args:
         matrix: (C, C) count tensor, updated in place; must be contiguous.
-        outputs: scores (B, C) or predicted labels (B,).
-        targets: labels (B,) or one-hot (B, C).
+        outputs: scores (B, C), single scores (B,) / (B, 1) (binary, C must be 2) or labels (B,).
+        targets: labels (B,) / (B, 1) or one-hot (B, C).
+        threshold: the binary decision threshold (0.0 for logits, 0.5 for probabilities).
+
+    Raises:
+        ValueError: if the shapes do not match each other or C.
     """
     num_classes = matrix.shape[0]
-    cells = to_labels(targets) * num_classes + to_labels(outputs)
+    check_shapes(outputs, targets)
+    _check_num_classes(outputs, num_classes)
+    cells = to_labels(targets) * num_classes + predicted_labels(outputs, threshold)
     flat = matrix.view(-1)
     flat.index_add_(0, cells, flat.new_ones(()).expand_as(cells))
 
 
-def confusion_matrix(outputs: Tensor, targets: Tensor, num_classes: int) -> Tensor:
+def confusion_matrix(
+    outputs: Tensor, targets: Tensor, num_classes: int, threshold: float = 0.0
+) -> Tensor:
     """The confusion matrix of one set of predictions.
 
     Args:
-        outputs: scores (B, C) or predicted labels (B,).
-        targets: labels (B,) or one-hot (B, C).
+        outputs: scores (B, C), single scores (B,) / (B, 1) (binary, C must be 2) or labels (B,).
+        targets: labels (B,) / (B, 1) or one-hot (B, C).
         num_classes: C.
+        threshold: the binary decision threshold (0.0 for logits, 0.5 for probabilities).
 
     Returns:
         A (C, C) int64 tensor of counts; rows are targets, columns are predictions.
     """
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=outputs.device)
-    add_confusion_(matrix, outputs, targets)
+    add_confusion_(matrix, outputs, targets, threshold)
     return matrix

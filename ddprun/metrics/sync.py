@@ -130,8 +130,10 @@ def _global_states(
     """Runs the collectives and returns, per metric, its states combined over all ranks."""
     by_kind: dict[str, list[_Entry]] = {"sum": [], "max": [], "min": [], "cat": []}
     for index, metric in enumerate(metrics):
+        # get_states, not attributes: an adapter (e.g. TorchMetric) presents its states there
+        states = metric.get_states()
         for name, reduction in metric.reductions.items():
-            by_kind[reduction].append(_Entry(index, name, getattr(metric, name)))
+            by_kind[reduction].append(_Entry(index, name, states[name]))
     device = next((e.state.device for kind in by_kind.values() for e in kind), torch.device("cpu"))
     results: list[dict[str, Tensor]] = [{} for _ in metrics]
     lengths = _reduce_sums(by_kind["sum"], by_kind["cat"], collectives, device, report, results)

@@ -35,13 +35,15 @@ def run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.Complete
     return subprocess.CompletedProcess(args, process.returncode, out, err)
 
 
-def script(name: str, *args: str) -> list[str]:
-    """argv for running tests/distributed/scripts/<name>.py with plain python."""
-    return [sys.executable, str(SCRIPTS / f"{name}.py"), *args]
+def script(name: str, *args: str, folder: Path = SCRIPTS) -> list[str]:
+    """argv for running `folder`/<name>.py (default tests/distributed/scripts) with python."""
+    return [sys.executable, str(folder / f"{name}.py"), *args]
 
 
-def ddprun(nproc: int, name: str, *args: str, logdir: Path | None = None) -> list[str]:
-    """argv for running a script through the real ddprun CLI."""
+def ddprun(
+    nproc: int, name: str, *args: str, logdir: Path | None = None, folder: Path = SCRIPTS
+) -> list[str]:
+    """argv for running `folder`/<name>.py through the real ddprun CLI."""
     extra = ["--logdir", str(logdir)] if logdir is not None else []
     return [
         sys.executable,
@@ -50,7 +52,7 @@ def ddprun(nproc: int, name: str, *args: str, logdir: Path | None = None) -> lis
         "--nproc",
         str(nproc),
         *extra,
-        str(SCRIPTS / f"{name}.py"),
+        str(folder / f"{name}.py"),
         *args,
     ]
 

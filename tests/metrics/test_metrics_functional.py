@@ -52,7 +52,9 @@ def test_accuracy_of_label_outputs_compares_labels():
     targets = torch.tensor([0, 1, 1, 2])
     (value,) = metrics.accuracy(outputs, targets)
     assert value.item() == pytest.approx(0.75)
-    (value,) = metrics.accuracy(outputs.unsqueeze(1).float(), targets)
+    # Integer (B, 1) outputs are labels too; float (B,) / (B, 1) outputs are binary scores,
+    # thresholded (tests/metrics/test_metrics_binary.py).
+    (value,) = metrics.accuracy(outputs.unsqueeze(1), targets)
     assert value.item() == pytest.approx(0.75)
 
 

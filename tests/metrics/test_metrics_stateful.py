@@ -257,8 +257,10 @@ def test_package_import_loads_only_torch_and_itself():
         "others = [k for k in sys.modules if k.startswith(('sklearn', 'ddprun.'))]; "
         "assert all(k.startswith('ddprun.metrics') for k in others), others; "
         "assert set(m.__all__) == {'accuracy', 'precision_recall_fbeta_support', "
-        "'confusion_matrix', 'Metric', 'AdditiveMetric', 'AccuracyMetric', "
+        "'confusion_matrix', 'Metric', 'AdditiveMetric', 'AdditiveValueMetric', 'AccuracyMetric', "
         "'MulticlassPrecisionRecallF1SupportMetric', 'ConfusionMatrixMetric', 'Collectives', "
-        "'synchronized'}"
+        "'synchronized', 'AUCMetric', 'CMCMetric', 'DiceMetric', 'IOUMetric', 'TrevskyMetric', "
+        "'MultilabelAccuracyMetric', 'TorchMetric'}; "
+        "assert 'torchmetrics' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

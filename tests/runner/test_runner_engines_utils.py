@@ -253,10 +253,12 @@ def test_stop_check_interval_follows_the_step_time():
     fast.stop_check_max_batches = 16
     fast.stop_check_seconds = 10.0  # any step under 0.6 s asks for the cap
     calls = _run_recording_agreements(fast, batches=40)
-    # the first agreement after one batch (one process answers at once); then the cap,
+    # the first agreement after one batch proposes one more batch (measured from the loader's
+    # start, one batch includes no batch_end callbacks: no backward, no step); then the cap,
     # counted across the epoch boundary
-    assert {every for _, every in calls} == {16}
-    assert [b for b, _ in calls] == [1, 17, 33, 49, 65]
+    assert calls[0] == (1, 1)
+    assert {every for _, every in calls[1:]} == {16}
+    assert [b for b, _ in calls] == [1, 2, 18, 34, 50, 66]
 
     slow = SlowRunner()
     slow.stop_check_seconds = 0.05  # 10+ ms steps: a check every 5 batches or fewer

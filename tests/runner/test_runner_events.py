@@ -214,8 +214,8 @@ def test_keep_for_rank(node, rank, kept):
 
 
 def test_start_events_see_bookkeeping_and_end_events_precede_it():
-    """*_start: runner state is set before callbacks; *_end: callbacks run before the
-    runner fills loader_metrics from batch_metrics (a callback's value wins)."""
+    """*_start: runner state is set before callbacks; at loader end the averages of
+    batch_metrics are in loader_metrics before the callbacks run (a callback's value wins)."""
     seen: dict[str, Any] = {}
 
     class Probe(dl.Callback):
@@ -238,7 +238,7 @@ def test_start_events_see_bookkeeping_and_end_events_precede_it():
 
     TwoStageRunner(lambda stage: {"p": Probe()}).run()
     assert seen["loader_start"] == ("train", {})
-    assert seen["loader_end_before"] == {}
+    assert seen["loader_end_before"] == {"m": 1.0}
     assert seen["epoch_end"] == {"train": {"m": 1.0}, "valid": {"m": 7.0}}
 
 

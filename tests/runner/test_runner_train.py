@@ -27,7 +27,8 @@ from tests.runner.helpers import (
 
 SPEC_TRAIN_DEFAULTS = {
     "model": inspect.Parameter.empty,
-    "loaders": inspect.Parameter.empty,
+    # None: a get_loaders(stage) override gives them (Catalyst 21.12, issue 12)
+    "loaders": None,
     "criterion": None,
     "optimizer": None,
     "scheduler": None,
@@ -47,6 +48,12 @@ SPEC_TRAIN_DEFAULTS = {
     "resume": None,
     "amp": False,
     "ddp": False,
+    # Catalyst 21.12's flags (issue 12): fp16/apex run native AMP, check/overfit add callbacks
+    "fp16": False,
+    "apex": False,
+    "check": False,
+    "overfit": False,
+    "trial": None,
 }
 
 

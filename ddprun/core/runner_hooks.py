@@ -1,0 +1,112 @@
+"""The runner is a callback: its own ``on_*`` methods run at their events.
+
+A `Runner`/`IRunner` subclass may define any callback method (``on_loader_start`` ...
+``on_exception``), as Catalyst users write them: create meters in ``on_loader_start``, update
+them in ``handle_batch``, write ``loader_metrics`` in ``on_loader_end``. Order at each event,
+as in Catalyst 21.12: for ``*_start`` events the runner's method runs after the runner's own
+bookkeeping (counters, loader state) and before the callbacks; for ``*_end`` events and
+``on_exception`` after the callbacks and before the bookkeeping that follows them (logging,
+``epoch_metrics``). ``on_loader_end`` runs inside the loader-end metric sync, where the
+averages of ``batch_metrics`` are already in ``loader_metrics`` (as Catalyst's CriterionCallback
+puts the loss there before the runner's own handler runs), so metrics the
+runner holds as attributes (directly, or in a dict, list or tuple attribute) when the loader
+starts are synced across ranks with everything else and give exact values there.
+
+Every method here is a no-op, so ``super().on_loader_start(runner)`` works, and the loop calls
+only the methods a subclass overrides: a runner that defines none costs nothing per event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ddprun.core.callback import Event
+from ddprun.metrics import Metric
+from ddprun.metrics.torchmetrics_adapter import adapt_torchmetric
+
+#: Events where the runner's method runs before the callbacks (the others: after them).
+_STARTS = frozenset(
+    {
+        Event.EXPERIMENT_START,
+        Event.STAGE_START,
+        Event.EPOCH_START,
+        Event.LOADER_START,
+        Event.BATCH_START,
+    }
+)
+
+
+class RunnerHooks:
+    """Callback methods of the runner itself (no-ops; override any of them)."""
+
+    def on_experiment_start(self, runner: Any) -> None:
+        """After the first stage's components and callbacks are built."""
+
+    def on_stage_start(self, runner: Any) -> None:
+        """After the stage's components are built and prepared by the engine."""
+
+    def on_epoch_start(self, runner: Any) -> None:
+        """At the start of every epoch."""
+
+    def on_loader_start(self, runner: Any) -> None:
+        """Before the first batch of each loader (its counters and state are set)."""
+
+    def on_batch_start(self, runner: Any) -> None:
+        """Before `handle_batch`, with `runner.batch` on the device."""
+
+    def on_batch_end(self, runner: Any) -> None:
+        """After the callbacks' ``on_batch_end``."""
+
+    def on_loader_end(self, runner: Any) -> None:
+        """After the callbacks' ``on_loader_end``, inside the loader-end metric sync."""
+
+    def on_epoch_end(self, runner: Any) -> None:
+        """After the callbacks' ``on_epoch_end``, before the epoch is logged."""
+
+    def on_stage_end(self, runner: Any) -> None:
+        """After the callbacks' ``on_stage_end``."""
+
+    def on_experiment_end(self, runner: Any) -> None:
+        """After the callbacks' ``on_experiment_end``."""
+
+    def on_exception(self, runner: Any) -> None:
+        """After the callbacks' ``on_exception``; `runner.exception` holds the error."""
+
+
+def with_runner_hooks(runner: Any, bound: dict[Event, list[Any]]) -> dict[Event, list[Any]]:
+    """`bound` (each event's callback methods, in order) with the runner's own overridden
+    methods placed first for ``*_start`` events and last for the others."""
+    result = {}
+    for event, methods in bound.items():
+        if not overrides(runner, event):
+            result[event] = methods
+            continue
+        hook = getattr(runner, event.value)
+        result[event] = [hook, *methods] if event in _STARTS else [*methods, hook]
+    return result
+
+
+def overrides(runner: Any, event: Event) -> bool:
+    """Whether `runner`'s class defines its own method for `event`."""
+    own = getattr(type(runner), event.value, None)
+    return own is not None and own is not getattr(RunnerHooks, event.value)
+
+
+def metrics_held_by(runner: Any) -> list[Metric]:
+    """Metrics among the runner's public attributes (directly, or as values of a dict, list or
+    tuple attribute), in attribute order: the same on every rank running the same code. A bare
+    ``torchmetrics.Metric`` counts too, through its `TorchMetric` adapter."""
+    found: list[Metric] = []
+    for name, value in vars(runner).items():
+        if name.startswith("_"):
+            continue
+        items = value.values() if isinstance(value, Mapping) else value
+        if not isinstance(value, (Mapping, list, tuple)):
+            items = [value]
+        for item in items:
+            # a bare torchmetrics metric joins through its adapter (its own sync turned off)
+            item = adapt_torchmetric(item) or item
+            if isinstance(item, Metric):
+                found.append(item)
+    return found
