@@ -141,7 +141,8 @@ def init_process_group(
     """Join the default process group described by the launcher's environment (env://).
 
     Does nothing if a default group already exists. With a CUDA backend the current device is
-    set to `cuda:LOCAL_RANK` first, so collectives and DDP use the rank's own GPU. A process may
+    set to the rank's own GPU first (`cuda_index`: ``cuda:0`` when one GPU is visible per
+    process, else ``cuda:LOCAL_RANK``), so collectives and DDP use it. A process may
     join again after `shutdown_process_group` (a second ``train``, inference after training):
     every join after the first rendezvous under its own store prefix.
 

@@ -18,8 +18,9 @@ of the same start method whose processes:
   (``sigwaitinfo``) and exits 0 on a SIGTERM sent by the process that started it, which is what
   ``terminate()`` sends at DataLoader shutdown and at interpreter exit (a worker that merely
   ignored SIGTERM would hang that exit's ``join``); other senders are ignored;
-- die with that process (parent-death signal SIGKILL): a rank ends with ``os._exit`` after a
-  stop (`ddprun.distributed.exit_process`) and torch's own watchdog takes up to 5 s. The kernel
+- die with that process (parent-death signal SIGKILL): a rank that ends without shutting its
+  loaders down (a crash, a kill) would otherwise leave them to torch's watchdog, which takes up
+  to 5 s. The kernel
   ties this signal to the thread that forked, so it is set only for workers started from the
   main thread by their own parent; others (a forkserver's) rely on torch's watchdog.
 
