@@ -462,8 +462,6 @@ class IRunner(RunnerHooks):
         if every is not None:
             self._stop_every = every  # the drained answer still sets the pace, on every rank
         signum = self._stop_flag.signum or in_flight
-        if self.is_train_loader:
-            self.engine.finish_steps()
         collectives = self.engine.collectives
         if collectives is not None and self._agreed_keys is None:
             self._agreed_keys = loader_sync.gather_keys(self._batch_averages, set(), self.engine)
@@ -498,6 +496,8 @@ class IRunner(RunnerHooks):
                 if mean is not None:
                     self.loader_metrics[key] = mean
             self._fire_callbacks(Event.LOADER_END)
+        if self.is_train_loader:  # after OptimizerCallback stepped any window left open
+            self.engine.finish_steps()
         return True
 
     def _fire_callbacks(self, event: Event) -> None:

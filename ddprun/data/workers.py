@@ -163,7 +163,10 @@ def shield_loader_workers(loaders: Mapping[str, Any]) -> None:
             continue
         current = loader.multiprocessing_context
         if current is None:
-            loader.multiprocessing_context = _BY_METHOD[multiprocessing.get_start_method()]
+            # allow_none: asking must not fix the process's start method for the user
+            method = multiprocessing.get_start_method(allow_none=True)
+            method = method or multiprocessing.get_all_start_methods()[0]
+            loader.multiprocessing_context = _BY_METHOD[method]
         elif type(current) in _SHIELDED:
             loader.multiprocessing_context = _SHIELDED[type(current)]
         elif current not in _SHIELDED.values() and get_rank() <= 0:

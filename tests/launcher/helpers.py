@@ -94,7 +94,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     return predicate()
 
 
-def _kill_everything(process: subprocess.Popen, marker: str) -> None:
+def kill_everything(process: subprocess.Popen, marker: str) -> None:
+    """SIGKILL the launcher's process group and every worker whose command line has `marker`."""
     if process.poll() is None:
         try:
             os.killpg(process.pid, signal.SIGKILL)
@@ -130,7 +131,7 @@ def launched(tmp_path: Path, *args: str | Path, env: dict[str, str] | None = Non
     try:
         yield process
     finally:
-        _kill_everything(process, str(tmp_path))
+        kill_everything(process, str(tmp_path))
         out.close()
         err.close()
 

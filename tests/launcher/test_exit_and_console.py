@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import struct
 import subprocess
 import sys
@@ -21,7 +20,14 @@ import pytest
 
 from ddprun.launch.streams import final_lines
 
-from .helpers import clean_env, ddprun_argv, run_ddprun, worker_processes, write_script
+from .helpers import (
+    clean_env,
+    ddprun_argv,
+    kill_everything,
+    run_ddprun,
+    worker_processes,
+    write_script,
+)
 
 UNCLOSED_BYTES = b"x" * 100_000 + b"END"
 
@@ -147,22 +153,8 @@ def _run(argv: list[str], cwd: Path, timeout: float) -> tuple[int, bytes]:
         except subprocess.TimeoutExpired:
             code = -9
         finally:
-            _kill(process, str(cwd))
+            kill_everything(process, str(cwd))
     return code, out_path.read_bytes()
-
-
-def _kill(process: subprocess.Popen, marker: str) -> None:
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
-    for worker in worker_processes(marker):
-        try:
-            os.killpg(worker.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 @pytest.mark.timeout(180)
@@ -259,7 +251,7 @@ def test_rank0_sees_a_terminal_when_the_launcher_has_one(tmp_path: Path) -> None
     try:
         code = process.wait(150)
     finally:
-        _kill(process, str(tmp_path))
+        kill_everything(process, str(tmp_path))
         reader.join(10)
         os.close(master)
     output = b"".join(chunks)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,15 @@ from ddprun.distributed import find_free_port
 from ddprun.launch import flags
 from ddprun.launch.cli import LaunchSettings, UsageError, build_settings, split_argv
 
-from .helpers import Result, clean_env, ddprun_argv, run_ddprun, worker_processes, write_script
+from .helpers import (
+    Result,
+    clean_env,
+    ddprun_argv,
+    kill_everything,
+    run_ddprun,
+    worker_processes,
+    write_script,
+)
 
 # Each rank: one all-reduce, a marker with what it saw, one line on stdout and one on stderr.
 JOB = """\
@@ -268,14 +277,13 @@ def test_node_rank_is_kept_across_two_launchers(tmp_path: Path, spelling: str) -
         out = open(folder / "out.txt", "w")  # noqa: SIM115
         procs.append((subprocess.Popen(argv, cwd=folder, env=env, stdout=out, stderr=out,
                                        start_new_session=True), out))  # fmt: skip
+    deadline = time.monotonic() + JOB_TIMEOUT  # one deadline for both launchers
     try:
         for proc, _ in procs:
-            proc.wait(JOB_TIMEOUT)
+            proc.wait(max(0.0, deadline - time.monotonic()))
     finally:
         for proc, out in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            kill_everything(proc, str(tmp_path))  # the launcher's group and its workers
             out.close()
     logs = [(tmp_path / f"node{n}" / "out.txt").read_text() for n in (1, 0)]
     assert [proc.returncode for proc, _ in procs] == [0, 0], logs
