@@ -1,28 +1,30 @@
-"""CheckpointCallback: the policy (what to save and load, and when). I/O is in ddprun.checkpoint.
+"""CheckpointCallback: the save policy (what to save, where and when) and stage loads.
 
 Files under ``<logdir>/checkpoints/``: ``best.pth`` and ``last.pth`` (full state), the
 ``save_n_best`` best epochs of each stage as ``<stage>.<epoch>.pth``, and ``_metrics.json``
 (every kept checkpoint with its numeric score and metrics). Only rank 0 writes (atomically);
-every rank passes a barrier and then loads the same file.
+every rank passes a barrier and then loads the same file. What a checkpoint holds and how a
+run resumes from one is `ddprun.core.resume` (the runner restores it); file I/O is
+`ddprun.checkpoint`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ddprun import __version__
 from ddprun import checkpoint as io
 from ddprun.callbacks._access import epoch_metric
 from ddprun.core import resume
 from ddprun.core.callback import Callback, CallbackOrder
+from ddprun.core.resume import LOAD_PARTS
 
-COMPONENT_PARTS = ("model", "criterion", "optimizer", "scheduler")
-COUNTER_PARTS = ("global_epoch_step", "global_batch_step", "global_sample_step")
-LOAD_PARTS = COMPONENT_PARTS + COUNTER_PARTS
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 
 def parse_load_spec(spec: str | Mapping[str, str] | None, name: str) -> dict[str, str]:
@@ -58,11 +60,12 @@ class CheckpointCallback(Callback):
         save_n_best: how many epoch files each stage keeps (ranked by score, as numbers).
         load_on_stage_start, load_on_stage_end: see `parse_load_spec`. At the first stage
             of a fresh run there is nothing to load yet: it is skipped with one log line.
-        resume: a checkpoint path, or "auto" (``last.pth`` when it exists), restored in full
-            (components, scaler, counters, RNG, this callback's bookkeeping) before the
-            first stage runs; finished stages and epochs are not run again, and a mid-epoch
-            checkpoint continues at the next batch. Default: None, or "auto" when the
-            launcher restarted the workers (``TORCHELASTIC_RESTART_COUNT`` > 0).
+        resume: a checkpoint path, or "auto" (``last.pth`` when it exists), that the runner
+            restores in full (components, scaler, counters, RNG, this callback's bookkeeping)
+            when the run starts; finished stages and epochs are not run again, and a
+            mid-epoch checkpoint continues at the next batch (see `ddprun.core.resume`).
+            Default: None, or "auto" when the launcher restarted the workers
+            (``TORCHELASTIC_RESTART_COUNT`` > 0).
         save_every_n_batches: also write ``last.pth`` every N training batches, with the
             position in the epoch, the partial metric states of every rank, RNG states and,
             inside a gradient-accumulation window, every rank's accumulated gradients (so a
@@ -116,23 +119,30 @@ class CheckpointCallback(Callback):
         return Path(source)
 
     # --------------------------------------------------------------- events
-    def on_stage_start(self, runner: Any) -> None:
-        if self._resume(runner):
+    def resume_source(self) -> Path | None:
+        """The checkpoint the run resumes from, or None (read by the runner at its start)."""
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+        return resume.resume_file(self.resume, self.folder, restarted)
+
+    def on_stage_start(self, runner: IRunner) -> None:
+        if runner.resumed_checkpoint is not None:
+            # the runner skipped or restored this stage: only this callback's bookkeeping
+            self._restore_bookkeeping(runner.resumed_checkpoint.get("checkpointer"))
             return
         if runner.global_epoch_step > 0:
             self._restore_bookkeeping(self._read_metrics_file())
         self._load(runner, self.load_on_stage_start, "load_on_stage_start")
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         if self.folder is None or not runner.is_train_loader:
             return
         n = self.save_every_n_batches
         if runner.stop_signal is not None or (n and runner.loader_batch_step % n == 0):
+            # mid-epoch: with the position of every rank (a collective: every rank is here)
             state = self._pack(runner, epoch_finished=False)
-            state["loader_state"] = resume.capture(runner)  # a collective: every rank is here
             runner.engine.save_checkpoint(state, self.folder / "last.pth")
 
-    def on_epoch_end(self, runner: Any) -> None:
+    def on_epoch_end(self, runner: IRunner) -> None:
         if self.folder is None or runner.stage_key.startswith("infer"):
             return
         score = self._score(runner)
@@ -142,7 +152,7 @@ class CheckpointCallback(Callback):
             "global_epoch": runner.global_epoch_step,
             "score": score,
             "file": f"{runner.stage_key}.{runner.stage_epoch_step}.pth",
-            "metrics": _numeric(runner.epoch_metrics),
+            "metrics": resume.numeric_metrics(runner.epoch_metrics),
         }
         keep, dropped = self._rank_stage(record)
         is_best = self.best is None or self._better(score, self.best["score"])
@@ -158,11 +168,11 @@ class CheckpointCallback(Callback):
                 (self.folder / old["file"]).unlink(missing_ok=True)
             io.save_json(self._bookkeeping(), self.folder / "_metrics.json")
 
-    def on_stage_end(self, runner: Any) -> None:
+    def on_stage_end(self, runner: IRunner) -> None:
         self._load(runner, self.load_on_stage_end, "load_on_stage_end")
 
     # ------------------------------------------------------------- ranking
-    def _score(self, runner: Any) -> float:
+    def _score(self, runner: IRunner) -> float:
         if self.loader_key is None:
             return float(runner.global_epoch_step)
         value = epoch_metric(runner, self.loader_key, self.metric_key, "CheckpointCallback")
@@ -207,35 +217,16 @@ class CheckpointCallback(Callback):
                     record["score"] = worst
 
     def _read_metrics_file(self) -> dict[str, Any] | None:
-        import json
-
         path = self.folder / "_metrics.json" if self.folder is not None else None
         if path is None or not path.is_file():
             return None
         return json.loads(path.read_text())
 
-    def _pack(self, runner: Any, epoch_finished: bool) -> dict[str, Any]:
-        return runner.engine.pack_checkpoint(
-            runner.model,
-            runner.criterion,
-            runner.optimizer,
-            runner.scheduler,
-            stage_key=runner.stage_key,
-            stage_epoch_step=runner.stage_epoch_step,
-            stage_epoch_len=runner.stage_epoch_len,
-            epoch_finished=epoch_finished,
-            loader_batch_step=runner.loader_batch_step if not epoch_finished else 0,
-            global_epoch_step=runner.global_epoch_step,
-            global_batch_step=runner.global_batch_step,
-            global_sample_step=runner.global_sample_step,
-            metrics=_numeric(runner.epoch_metrics),
-            rng=io.rng_state(),
-            checkpointer=self._bookkeeping(),
-            ddprun_version=__version__,
-        )
+    def _pack(self, runner: IRunner, epoch_finished: bool) -> dict[str, Any]:
+        return resume.pack(runner, epoch_finished, checkpointer=self._bookkeeping())
 
     # --------------------------------------------------------------- loading
-    def _load(self, runner: Any, spec: Mapping[str, str], name: str) -> None:
+    def _load(self, runner: IRunner, spec: Mapping[str, str], name: str) -> None:
         by_source: dict[str, list[str]] = {}
         for part, source in spec.items():
             by_source.setdefault(source, []).append(part)
@@ -252,75 +243,4 @@ class CheckpointCallback(Callback):
             path = self._path(source)
             if not path.is_file():
                 raise FileNotFoundError(f"{name}: checkpoint {path} does not exist")
-            self._load_parts(runner, runner.engine.load_checkpoint(path), parts, str(path))
-
-    def _load_parts(
-        self, runner: Any, state: Mapping[str, Any], parts: list[str], source: str
-    ) -> None:
-        components = {p: getattr(runner, p) for p in COMPONENT_PARTS if p in parts}
-        runner.engine.unpack_checkpoint(state, **components, source=source)
-        for counter in COUNTER_PARTS:
-            if counter in parts:
-                setattr(runner, counter, int(state[counter]))
-
-    # ---------------------------------------------------------------- resume
-    def _resume_source(self) -> str | None:
-        if self.resume is not None:
-            return self.resume
-        # restarted by the launcher (--max-restarts): continue from last.pth by default
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-        return "auto" if restarted and self.folder is not None else None
-
-    def _resume_plan(self, runner: Any) -> dict[str, Any]:
-        """The checkpoint this run resumes from, loaded once per run (kept on the runner,
-        since callbacks are rebuilt every stage)."""
-        if runner.resume_plan is not None:
-            return runner.resume_plan
-        plan: dict[str, Any] = {"state": None, "path": None}
-        source = self._resume_source() if runner.global_epoch_step == 0 else None
-        if source is not None:
-            path = self.folder / "last.pth" if source == "auto" else Path(source)
-            if source != "auto" or path.is_file():
-                if not path.is_file():
-                    raise FileNotFoundError(f"resume: checkpoint {path} does not exist")
-                plan = {"state": runner.engine.load_checkpoint(path), "path": str(path)}
-                if runner.engine.is_master:
-                    print(f"[ddprun] resuming from {path}", flush=True)
-        runner.resume_plan = plan
-        return plan
-
-    def _resume(self, runner: Any) -> bool:
-        """Restore the planned checkpoint if it belongs to this stage; skip earlier stages."""
-        plan = self._resume_plan(runner)
-        state = plan["state"]
-        if state is None:
-            return False
-        stages = list(runner.stages)
-        saved_stage = state.get("stage_key", runner.stage_key)  # a bare packed checkpoint
-        if saved_stage not in stages:
-            raise ValueError(
-                f"resume: {plan['path']} was written in stage {saved_stage!r}, which is not "
-                f"one of this runner's stages {stages}"
-            )
-        if stages.index(saved_stage) > stages.index(runner.stage_key):
-            runner.stage_epoch_step = runner.stage_epoch_len  # finished before the save
-            return True
-        plan["state"] = None  # consumed
-        parts = [p for p in LOAD_PARTS if p in COMPONENT_PARTS or p in state]
-        self._load_parts(runner, state, parts, plan["path"])
-        runner.stage_epoch_step = int(state.get("stage_epoch_step", 0))
-        position = state.get("loader_state")
-        if not state.get("epoch_finished", True) and position is not None:
-            # rerun the saved epoch from the batch after the one the checkpoint was written at
-            runner.stage_epoch_step -= 1
-            runner.global_epoch_step -= 1
-            runner.resume_position = position
-            # a save inside an accumulation window: the window's gradients (each rank's own)
-            resume.restore_gradients(runner, position, plan["path"])
-        io.restore_rng_state(state.get("rng"))
-        self._restore_bookkeeping(state.get("checkpointer"))
-        return True
-
-
-def _numeric(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    return {loader: {k: float(v) for k, v in values.items()} for loader, values in metrics.items()}
+            resume.load_parts(runner, runner.engine.load_checkpoint(path), parts, str(path))

@@ -1,4 +1,10 @@
-"""What ranks pack at a loader end: the agreed keys of the per-batch averages.
+"""A loader's metric states and their one packed reduction at the loader's end.
+
+`LoaderSync` holds what the runner reduces at a loader end: the metrics callbacks track
+(`IRunner.track_metric`), the per-key averages of ``batch_metrics`` (weighted by batch size, in
+tensors on the device: no host sync per batch) and the agreed batch-metric keys; its `reduce`
+packs them, the stop vote and the key vote into one reduction, and runs the loader-end callbacks
+inside it.
 
 Every value a user puts in ``batch_metrics`` is averaged per key over the loader, and at loader
 end those averages join the one packed metric reduction. A reduction needs the same layout on
@@ -14,12 +20,102 @@ of ``loader_metrics``, as in a single process.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
-from ddprun.metrics import AdditiveMetric, Metric
+from ddprun.core.stop import StopVote
+from ddprun.metrics import AdditiveMetric, Metric, synchronized
+
+
+class LoaderSync:
+    """The running loader's metric states (one per runner; reset at every loader start).
+
+    Attributes:
+        tracked: metrics synced at loader end (`IRunner.track_metric`).
+        exact_keys: ``batch_metrics`` keys a tracked metric computes exactly (not averaged).
+        averages: per-key averages of the other ``batch_metrics`` values, by key.
+        agreed_keys: the batch-metric keys every rank packs (None: not agreed yet this run).
+    """
+
+    def __init__(self) -> None:
+        self.start_run()
+
+    def start_run(self) -> None:
+        """A new run: the keys are agreed again at the first loader end."""
+        self.agreed_keys: set[str] | None = None
+        self.start_loader()
+
+    def start_loader(self) -> None:
+        """Empty states for a new loader."""
+        self.tracked: list[Metric] = []
+        self.exact_keys: set[str] = set()
+        self.averages: dict[str, AdditiveMetric] = {}
+
+    def track(self, metric: Metric, batch_keys: Iterable[str] = ()) -> Metric:
+        """Sync `metric` at this loader's end; `batch_keys` are not averaged per batch."""
+        self.tracked.append(metric)
+        self.exact_keys.update(batch_keys)
+        return metric
+
+    def track_new(self, metrics: Iterable[Metric], device: torch.device) -> None:
+        """Track those of `metrics` not tracked yet, moved to `device` (where the packed
+        reduction runs: the GPU under NCCL)."""
+        for metric in metrics:
+            if all(metric is not known for known in self.tracked):
+                self.tracked.append(metric.to(device))
+
+    def add_batch(self, values: Mapping[str, Any], batch_size: int, device: torch.device) -> None:
+        """Fold one batch's ``batch_metrics`` into the per-key averages."""
+        averages, exact = self.averages, self.exact_keys
+        for key, value in values.items():
+            if key in exact:
+                continue
+            average = averages.get(key)
+            if average is None:
+                average = AdditiveMetric(metric_key=key, with_std=False).to(device)
+                averages[key] = average
+            average.update(value, batch_size)
+
+    def reduce(
+        self,
+        engine: Any,
+        device: torch.device,
+        signum: int | None,
+        on_synced: Callable[[dict[str, float], int | None], None],
+    ) -> None:
+        """One packed reduction of every state and the stop vote; then ``on_synced(means,
+        agreed stop signal)`` runs inside it (the loader-end callbacks: they may read and
+        write synced metrics). A new key on some rank costs one key exchange and a repeat."""
+        collectives = engine.collectives
+        if collectives is not None and self.agreed_keys is None:
+            self.agreed_keys = gather_keys(self.averages, set(), engine)
+        while not self._reduce_once(collectives, device, signum, on_synced):
+            # a rank logged a key the others do not pack yet: agree on the keys, reduce again
+            self.agreed_keys = gather_keys(self.averages, self.agreed_keys or set(), engine)
+
+    def _reduce_once(
+        self,
+        collectives: Any,
+        device: torch.device,
+        signum: int | None,
+        on_synced: Callable[[dict[str, float], int | None], None],
+    ) -> bool:
+        agreed = self.agreed_keys if collectives is not None else None
+        averages = averages_to_pack(self.averages, agreed, device)
+        outside = agreed is not None and not agreed.issuperset(self.averages)
+        vote, keys = StopVote(signum, device), KeyVote(outside, device)
+        with synchronized([*self.tracked, *averages.values(), vote, keys], collectives):
+            if not keys.compute():
+                return False  # no callback ran
+            means = {}
+            for key, average in averages.items():
+                mean = mean_if_reported(average)
+                if mean is not None:
+                    means[key] = mean
+            on_synced(means, vote.compute())
+        return True
 
 
 class KeyVote(Metric):

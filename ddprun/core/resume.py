@@ -1,9 +1,16 @@
-"""Mid-epoch position: what a checkpoint needs to continue a loader at its next batch.
+"""Resume: what a checkpoint holds of a run, and how a run is restored from one, in one place.
 
-`capture` runs on every rank (it gathers each rank's partial metric states, RNG state and
-accumulated gradients in one collective); `restore` puts them back, whatever the new world size:
-partial metric states are all "sum"-like, so rank 0 takes the states of every saved rank merged
-and the other ranks start empty, which gives the same loader metrics.
+`pack` builds a run's checkpoint (components through the engine, counters, RNG, metrics and,
+mid-epoch, the loader position); `load_parts` restores chosen parts (stage loads). `Resume` is
+the runner's restore at experiment start: it finds the checkpoint (a callback names it through
+``resume_source()``: CheckpointCallback's ``resume``), skips the stages finished before it was
+written, restores the saved stage (components, scaler, counters, RNG, accumulated gradients),
+and continues a mid-epoch checkpoint's loader at the next batch with the partial metric states.
+
+Mid-epoch position: `capture` runs on every rank (it gathers each rank's partial metric states,
+RNG state and accumulated gradients in one collective); restoring puts them back, whatever the
+new world size: partial metric states are all "sum"-like, so rank 0 takes the states of every
+saved rank merged and the other ranks start empty, which gives the same loader metrics.
 
 Gradients: a save inside a gradient-accumulation window (OptimizerCallback with
 ``accumulation_steps`` > 1) finds the window's gradients on the parameters; under DDP they are
@@ -18,13 +25,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ddprun import __version__
 from ddprun.checkpoint import restore_rng_state, rng_state
 from ddprun.metrics import AdditiveMetric, Metric
+
+COMPONENT_PARTS = ("model", "criterion", "optimizer", "scheduler")
+COUNTER_PARTS = ("global_epoch_step", "global_batch_step", "global_sample_step")
+LOAD_PARTS = COMPONENT_PARTS + COUNTER_PARTS
 
 _MERGE = {
     "sum": lambda ts: torch.stack(ts).sum(dim=0),
@@ -41,7 +54,7 @@ def _cpu_states(metric: Metric) -> dict[str, torch.Tensor]:
 def capture(runner: Any) -> dict[str, Any]:
     """The running loader's position, partial metrics (every rank's) and RNG states."""
     local = {
-        "tracked": [_cpu_states(m) for m in runner._tracked_metrics],
+        "tracked": [_cpu_states(m) for m in runner.loader_sync.tracked],
         "averages": _averages_with_current_batch(runner),
         "rng": rng_state(),
         "grads": _gradients(runner),
@@ -61,15 +74,15 @@ def capture(runner: Any) -> dict[str, Any]:
 def _averages_with_current_batch(runner: Any) -> dict[str, dict[str, torch.Tensor]]:
     # Called during batch_end, before the runner folds this batch's values into its averages:
     # fold them into copies, so the checkpoint covers every batch up to this one.
-    states = {}
+    states, averages = {}, runner.loader_sync.averages
     for key, value in runner.batch_metrics.items():
         average = AdditiveMetric(metric_key=key, with_std=False).to(runner.device)
-        if key in runner._batch_averages:  # copies: update() adds in place
-            live = runner._batch_averages[key].get_states()
+        if key in averages:  # copies: update() adds in place
+            live = averages[key].get_states()
             average.replace_states({name: t.clone() for name, t in live.items()})
         average.update(value, runner.batch_size)
         states[key] = _cpu_states(average)
-    for key, average in runner._batch_averages.items():
+    for key, average in averages.items():
         states.setdefault(key, _cpu_states(average))
     return states
 
@@ -86,16 +99,15 @@ def restore_metrics(runner: Any, position: Mapping[str, Any]) -> None:
     """Put the saved partial metric states back (merged into rank 0)."""
     ranks = position["ranks"]
     merge_here = runner.engine.rank <= 0  # other ranks keep empty states
+    averages = runner.loader_sync.averages
     for key in ranks[0]["averages"]:  # every rank creates them: the sync packs the same list
         # `_merge` reads only the declared states: older checkpoints' square sums are dropped
-        runner._batch_averages[key] = AdditiveMetric(metric_key=key, with_std=False).to(
-            runner.device
-        )
+        averages[key] = AdditiveMetric(metric_key=key, with_std=False).to(runner.device)
     if not merge_here:
         return
-    for index, metric in enumerate(runner._tracked_metrics):
+    for index, metric in enumerate(runner.loader_sync.tracked):
         metric.replace_states(_merge(metric, [r["tracked"][index] for r in ranks]))
-    for key, average in runner._batch_averages.items():
+    for key, average in averages.items():
         average.replace_states(_merge(average, [r["averages"][key] for r in ranks]))
 
 
@@ -194,3 +206,154 @@ def skip_consumed(loader: Any, position: Mapping[str, Any]) -> Iterator[Any]:
     for _ in range(skip):
         next(iterator, None)
     return iterator
+
+
+# ------------------------------------------------------------- a run's checkpoint
+def pack(runner: Any, epoch_finished: bool, **extra: Any) -> dict[str, Any]:
+    """The run's checkpoint: unwrapped component states and the scaler (through the engine),
+    stage and counters, RNG, numeric epoch metrics and `extra` (e.g. a callback's bookkeeping).
+
+    Mid-epoch (``epoch_finished=False``) it also holds the loader position of every rank
+    (`capture`: a collective, so every rank must call it at the same batch).
+    """
+    state = runner.engine.pack_checkpoint(
+        runner.model,
+        runner.criterion,
+        runner.optimizer,
+        runner.scheduler,
+        stage_key=runner.stage_key,
+        stage_epoch_step=runner.stage_epoch_step,
+        stage_epoch_len=runner.stage_epoch_len,
+        epoch_finished=epoch_finished,
+        loader_batch_step=runner.loader_batch_step if not epoch_finished else 0,
+        global_epoch_step=runner.global_epoch_step,
+        global_batch_step=runner.global_batch_step,
+        global_sample_step=runner.global_sample_step,
+        metrics=numeric_metrics(runner.epoch_metrics),
+        rng=rng_state(),
+        ddprun_version=__version__,
+        **extra,
+    )
+    if not epoch_finished:
+        state["loader_state"] = capture(runner)
+    return state
+
+
+def numeric_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """``{loader: {metric: float}}`` of the epoch metrics (tensors and numbers as floats)."""
+    return {loader: {k: float(v) for k, v in values.items()} for loader, values in metrics.items()}
+
+
+def load_parts(runner: Any, checkpoint: Mapping[str, Any], parts: list[str], source: str) -> None:
+    """Load the named `parts` (see `LOAD_PARTS`) of `checkpoint` into the runner: components
+    through the engine (with the scaler), counters as saved."""
+    components = {p: getattr(runner, p) for p in COMPONENT_PARTS if p in parts}
+    runner.engine.unpack_checkpoint(checkpoint, **components, source=source)
+    for counter in COUNTER_PARTS:
+        if counter in parts:
+            setattr(runner, counter, int(checkpoint[counter]))
+
+
+class Resume:
+    """A run's restore from a checkpoint, driven by the runner (one per run).
+
+    At every stage start (`at_stage_start`, after the stage's components and callbacks are
+    built, before its callbacks run): the first call finds and loads the checkpoint; stages
+    finished before it was written are skipped (their epoch count is full), the saved stage is
+    restored. While stages are skipped or restored, ``runner.resumed_checkpoint`` holds the
+    checkpoint, so callbacks take their own bookkeeping from it and load nothing else.
+    """
+
+    def __init__(self) -> None:
+        self.checkpoint: dict[str, Any] | None = None
+        self.path = ""
+        self.position: dict[str, Any] | None = None
+        self._looked = False
+
+    def at_stage_start(self, runner: Any) -> None:
+        """Skip or restore the stage that is starting (nothing in a fresh run)."""
+        runner.resumed_checkpoint = None
+        if not self._looked:
+            self._looked = True
+            self._load(runner)
+        state = self.checkpoint
+        if state is None:
+            return
+        stages = list(runner.stages)
+        saved_stage = state.get("stage_key", runner.stage_key)  # a bare packed checkpoint
+        if saved_stage not in stages:
+            raise ValueError(
+                f"resume: {self.path} was written in stage {saved_stage!r}, which is not "
+                f"one of this runner's stages {stages}"
+            )
+        runner.resumed_checkpoint = state
+        if stages.index(saved_stage) > stages.index(runner.stage_key):
+            runner.stage_epoch_step = runner.stage_epoch_len  # finished before the save
+            return
+        self.checkpoint = None  # consumed
+        self._restore(runner, state)
+
+    def _load(self, runner: Any) -> None:
+        path = None
+        for callback in runner.callbacks.values():
+            source = getattr(callback, "resume_source", None)
+            path = source() if callable(source) else None
+            if path is not None:
+                break
+        if path is None:
+            return
+        self.checkpoint, self.path = runner.engine.load_checkpoint(path), str(path)
+        if runner.engine.is_master:
+            print(f"[ddprun] resuming from {path}", flush=True)
+
+    def _restore(self, runner: Any, state: Mapping[str, Any]) -> None:
+        parts = [p for p in LOAD_PARTS if p in COMPONENT_PARTS or p in state]
+        load_parts(runner, state, parts, self.path)
+        runner.stage_epoch_step = int(state.get("stage_epoch_step", 0))
+        position = state.get("loader_state")
+        if not state.get("epoch_finished", True) and position is not None:
+            # rerun the saved epoch from the batch after the one the checkpoint was written at
+            runner.stage_epoch_step -= 1
+            runner.global_epoch_step -= 1
+            self.position = position
+            # a save inside an accumulation window: the window's gradients (each rank's own)
+            restore_gradients(runner, position, self.path)
+        restore_rng_state(state.get("rng"))
+
+    def take_position(self, runner: Any) -> dict[str, Any] | None:
+        """At an epoch start: the mid-epoch position to continue from (once), with the epoch
+        metrics of the loaders finished before it; None when this epoch starts fresh."""
+        position, self.position = self.position, None
+        if position is None or position["global_epoch_step"] != runner.global_epoch_step:
+            return None
+        runner.epoch_metrics = {k: dict(v) for k, v in position["epoch_metrics"].items()}
+        return position
+
+    @staticmethod
+    def continue_loader(runner: Any, loader: Any, position: Mapping[str, Any]) -> Iterator[Any]:
+        """Batches of `loader` after the one a mid-epoch checkpoint was written at, with the
+        loader's counters, partial metric states and RNG as saved."""
+        batches = skip_consumed(loader, position)
+        runner.loader_batch_step = int(position["loader_batch_step"])
+        runner.loader_sample_step = int(position["loader_sample_step"])
+        restore_metrics(runner, position)
+        restore_rng(runner, position)  # after iter(): a DataLoader draws its seed there
+        return batches
+
+
+def resume_file(source: str | Path | None, folder: Path | None, restarted: bool) -> Path | None:
+    """The checkpoint a run resumes from: `source` as given, ``"auto"`` (or a launcher's
+    restart with no source): ``<folder>/last.pth`` when it exists; None to start fresh."""
+    if source is None and restarted and folder is not None:
+        source = "auto"
+    if source is None:
+        return None
+    if source == "auto":
+        if folder is None:
+            raise ValueError("resume='auto' needs a logdir to find last.pth in")
+        path = folder / "last.pth"
+        return path if path.is_file() else None
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: checkpoint {path} does not exist")
+    return path

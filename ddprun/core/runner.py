@@ -24,10 +24,27 @@ loader_metrics, epoch_metrics          finished loader's metrics (floats, exact 
                                        ``{loader_key: {metric: float}}`` of the epoch
 need_early_stop                        set by callbacks: ends the loader (mid-batch) or the stage
 need_exception_reraise                 set False by a callback to swallow the run's exception
-resume_position, resume_plan           set by CheckpointCallback when a run resumes
 stop_signal                            a stop signal (SIGTERM, SIGUSR1) every rank agreed on
-                                       after this batch: the run saves and stops
+                                       (read-only): the run saves and stops
+resumed_checkpoint                     the checkpoint the run resumes from, while the stage that
+                                       starts is skipped or restored by it (else None)
+loader_sync                            the loader's metric states, reduced at its end
 =====================================  ===========================================================
+
+How a loop ends, in one vocabulary:
+
+- **early stop**: a callback sets ``need_early_stop``; the loader ends after this batch, and
+  at an epoch's end the stage ends (the next stage runs).
+- **agreed stop signal**: SIGTERM/SIGUSR1 set a flag; the ranks agree on it after a train
+  batch or at a loader end (`ddprun.core.stop.StopControl`), ``stop_signal`` is set on every
+  rank at the same point, callbacks save (CheckpointCallback writes ``last.pth``), and the run
+  raises `RunStopped` (exit status 128 + signal): after the batch when agreed after a train
+  batch, after the epoch's end when agreed at a loader end.
+- **error**: an exception ends the run; ``on_exception`` callbacks run and it is re-raised
+  unless a callback sets ``need_exception_reraise = False``.
+
+Resume (`ddprun.core.resume`): each stage start first skips or restores the stage from the
+checkpoint a callback names (``resume_source()``), before the stage's callbacks run.
 
 Sample counters add ``batch_size * world_size`` per batch, so curves from runs of different
 world sizes line up (the last, uneven batch of an unpadded evaluation split is counted as full).
@@ -40,19 +57,21 @@ are synced across ranks together, in one packed reduction, around the callbacks'
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from ddprun.core import loader_sync, resume
 from ddprun.core.callback import Callback, Event, build_dispatch, keep_for_rank, sort_callbacks
-from ddprun.core.runner_hooks import RunnerHooks, metrics_held_by, with_runner_hooks
-from ddprun.core.stop import RunStopped, StopFlag, StopVote
+from ddprun.core.loader_sync import LoaderSync
+from ddprun.core.resume import Resume
+from ddprun.core.runner_hooks import metrics_held_by, with_runner_hooks
+from ddprun.core.runner_surface import RunnerSurface
+from ddprun.core.stop import RunStopped, StopControl
+from ddprun.data.introspect import batch_size_of, loader_batch_size, loader_length, set_loader_epoch
 from ddprun.data.workers import shield_loader_workers
-from ddprun.engines.factory import check_engine_fits_launch, default_engine
-from ddprun.metrics import AdditiveMetric, Metric, synchronized
+from ddprun.engines.factory import check_engine_fits_launch
+from ddprun.metrics import Metric
 from ddprun.utils import set_global_seed
 
 
@@ -60,7 +79,7 @@ class RunnerError(RuntimeError):
     """The runner was given something it cannot run (names what and what was expected)."""
 
 
-class IRunner(RunnerHooks):
+class IRunner(RunnerSurface):
     """Owns the loop and the state; users override the ``get_*`` factories and `handle_batch`.
 
     Args:
@@ -68,11 +87,7 @@ class IRunner(RunnerHooks):
         engine: optional engine returned by the default `get_engine`.
     """
 
-    #: Seconds of training between two stop-signal agreements across ranks (a small pipelined
-    #: collective, DDP only). The number of batches between agreements follows the measured
-    #: step time, between 1 and `stop_check_max_batches`, and is itself agreed by all ranks.
-    #: An agreement's answer arrives at the next one, so a SIGTERM takes effect within about
-    #: two intervals on every rank.
+    #: Seconds of training between two stop-signal agreements across ranks (see `StopControl`).
     stop_check_seconds: float = 0.2
     #: The most batches between two agreements (fast steps: about 0.2% of a 1 ms DDP step).
     stop_check_max_batches: int = 64
@@ -89,7 +104,10 @@ class IRunner(RunnerHooks):
         self.loggers: dict[str, Any] = {}
         self._dispatch: dict[Event, list[Callback]] = {event: [] for event in Event}
         self._bound: dict[Event, list[Any]] = {event: [] for event in Event}
-        self._stop_flag = StopFlag()
+        self._stop = StopControl()
+        self._resume = Resume()
+        self.loader_sync = LoaderSync()
+        self.resumed_checkpoint: dict[str, Any] | None = None
         self._reset_experiment_state()
         self.stage_key = "infer"
         self.stage_epoch_len = self.stage_epoch_step = 0
@@ -103,77 +121,16 @@ class IRunner(RunnerHooks):
         self.loader_metrics: dict[str, float] = {}
         self.epoch_metrics: dict[str, dict[str, float]] = {}
 
-    # ------------------------------------------------------------ user surface
-    @property
-    def stages(self) -> list[str]:
-        """Stage names, run in order."""
-        raise NotImplementedError("define the `stages` property (a list of stage names)")
-
-    @property
-    def seed(self) -> int:
-        """Base seed of the run."""
-        return 42
-
-    @property
-    def hparams(self) -> dict[str, Any]:
-        """Hyper-parameters handed to the loggers at experiment start."""
-        return {}
-
+    # ------------------------------------------------------------------ state
     @property
     def device(self) -> torch.device:
         """The engine's torch device."""
         return self.engine.device
 
-    def get_stage_len(self, stage: str) -> int:
-        """Number of epochs of `stage` (default 1)."""
-        return 1
-
-    def get_engine(self) -> Any:
-        """The engine (default: the one given to the constructor, else the one the launch
-        calls for: DDP under a launcher with WORLD_SIZE > 1, else DeviceEngine())."""
-        if self.engine is not None:
-            return self.engine
-        return default_engine()
-
-    def get_loggers(self) -> dict[str, Any]:
-        """Loggers for the whole experiment (default: a console logger)."""
-        from ddprun.loggers import ConsoleLogger
-
-        return {"console": ConsoleLogger()}
-
-    def get_loaders(self, stage: str) -> Mapping[str, Any]:
-        """Loaders of `stage`, run in dict order."""
-        raise NotImplementedError("define get_loaders(stage) returning a dict of DataLoaders")
-
-    def get_model(self, stage: str) -> Any:
-        """Model (or dict of models) of `stage`; default: the one given to the constructor."""
-        return self.model
-
-    def get_criterion(self, stage: str) -> Any:
-        """Criterion (or dict) of `stage`; default none."""
-        return None
-
-    def get_optimizer(self, stage: str, model: Any) -> Any:
-        """Optimizer (or dict) of `stage` for `model`; default none."""
-        return None
-
-    def get_scheduler(self, stage: str, optimizer: Any) -> Any:
-        """Scheduler (or dict) of `stage` for `optimizer`; default none."""
-        return None
-
-    def get_callbacks(self, stage: str) -> Mapping[str, Callback]:
-        """Callbacks of `stage` (a dict, or a list); default none."""
-        return {}
-
-    def handle_batch(self, batch: Any) -> None:
-        """One step: fill `self.batch` (and `batch_metrics`). The older name `_handle_batch`
-        is honoured when a subclass defines that instead."""
-        if type(self)._handle_batch is not IRunner._handle_batch:
-            return self._handle_batch(batch)
-        raise NotImplementedError(f"{type(self).__name__} must define handle_batch(self, batch)")
-
-    def _handle_batch(self, batch: Any) -> None:
-        raise NotImplementedError
+    @property
+    def stop_signal(self) -> int | None:
+        """The stop signal every rank agreed on (SIGTERM, SIGUSR1), or None."""
+        return self._stop.signal
 
     # ----------------------------------------------------------- metric sync
     def track_metric(self, metric: Metric, batch_keys: Iterable[str] = ()) -> Metric:
@@ -186,9 +143,7 @@ class IRunner(RunnerHooks):
             batch_keys: keys this metric also writes into ``batch_metrics`` and computes
                 exactly at loader end; the runner does not average those per batch.
         """
-        self._tracked_metrics.append(metric)
-        self._exact_keys.update(batch_keys)
-        return metric
+        return self.loader_sync.track(metric, batch_keys)
 
     # ------------------------------------------------------------------ logging
     def log_metrics(self, metrics: Mapping[str, Any], scope: str) -> None:
@@ -213,8 +168,8 @@ class IRunner(RunnerHooks):
         return self
 
     def _run_guarded(self) -> None:
-        self._stop_flag = StopFlag()
-        self._stop_flag.install()
+        self._stop = StopControl()
+        self._stop.flag.install()
         try:
             self._run_experiment()
         except BaseException as error:
@@ -229,13 +184,16 @@ class IRunner(RunnerHooks):
                 raise
             raise self.exception from error
         finally:
-            self._stop_flag.uninstall()
+            self._stop.flag.uninstall()
 
     def _run_experiment(self) -> None:
         self._reset_experiment_state()
         self.engine.setup()
+        self._stop.start_run(self.engine, self)  # paced by this runner's stop_check_*
         self.loggers = dict(self.get_loggers() or {}) if self.engine.is_master else {}
-        self._batch_loggers = [lg for lg in self.loggers.values() if _logs_batches(lg)]
+        self._batch_loggers = [
+            lg for lg in self.loggers.values() if getattr(lg, "log_batch_metrics", False)
+        ]
         for logger in self.loggers.values():
             logger.log_hparams(self.hparams, self)
         for index, stage in enumerate(self.stages):
@@ -248,6 +206,7 @@ class IRunner(RunnerHooks):
 
     def _run_stage(self, stage: str, first: bool) -> None:
         self._start_stage(stage)
+        self._resume.at_stage_start(self)  # skips the stage, restores it, or nothing
         if first:  # callbacks are built per stage: the first stage's get experiment_start
             self._fire_callbacks(Event.EXPERIMENT_START)
         self._fire_callbacks(Event.STAGE_START)
@@ -266,7 +225,7 @@ class IRunner(RunnerHooks):
         self.epoch_metrics = {}
         set_global_seed(epoch_seed(self.seed, self.global_epoch_step, self.engine))
         self._fire_callbacks(Event.EPOCH_START)
-        position = self._take_resume_position()
+        position = self._resume.take_position(self)
         for loader_key, loader in self.loaders.items():
             if position is not None and loader_key != position["loader_key"]:
                 continue  # finished before the mid-epoch checkpoint was written
@@ -276,17 +235,18 @@ class IRunner(RunnerHooks):
         self.log_metrics(self.epoch_metrics, scope="epoch")
         for logger in self.loggers.values():
             logger.flush_log()
-        if self.stop_signal is not None:
-            raise RunStopped(self.stop_signal)
+        if self._stop.signal is not None:  # agreed at a loader end: saved with the epoch
+            raise RunStopped(self._stop.signal)
 
     def _run_loader(self, loader_key: str, loader: Any, position: Any = None) -> None:
         self._start_loader(loader_key, loader)
         self._fire_callbacks(Event.LOADER_START)
-        for metric in metrics_held_by(self):  # e.g. meters the runner made in on_loader_start
-            if all(metric is not tracked for tracked in self._tracked_metrics):
-                # on the engine's device: the packed reduction runs there (NCCL: the GPU)
-                self._tracked_metrics.append(metric.to(self.device))
-        batches = iter(loader) if position is None else self._resume_loader(loader, position)
+        # meters the runner holds (made in on_loader_start) join the loader's reduction
+        self.loader_sync.track_new(metrics_held_by(self), self.device)
+        if position is None:
+            batches = iter(loader)
+        else:
+            batches = self._resume.continue_loader(self, loader, position)
         with torch.set_grad_enabled(self.is_train_loader):
             for batch in batches:
                 self._run_batch(batch)
@@ -296,103 +256,41 @@ class IRunner(RunnerHooks):
         self._end_loader()
 
     def _run_batch(self, batch: Any) -> None:
-        self.batch = self.engine.move(batch)
-        self.batch_size = _batch_size(self.batch)
+        engine = self.engine
+        self.batch = engine.move(batch)
+        self.batch_size = size = batch_size_of(self.batch)
         self.batch_metrics = {}
-        samples = self.batch_size * self.engine.world_size
+        samples = size * engine.world_size
         self.loader_batch_step += 1
         self.loader_sample_step += samples
-        if self.is_train_loader:
+        train = self.is_train_loader
+        if train:
             self.global_batch_step += 1
             self.global_sample_step += samples
         self._fire_callbacks(Event.BATCH_START)
-        with self.engine.autocast():
+        with engine.autocast():  # batch_start callbacks may have replaced self.batch
             self.handle_batch(self.batch)
-        if self.is_train_loader:
-            self._stop_countdown -= 1
-            if self._stop_countdown <= 0:
-                # Every rank runs as many train batches and counts down from the same agreed
-                # number, so all agree at the same batch; agreed before batch_end, so
-                # CheckpointCallback saves this batch's state.
-                self._agree_to_stop()
+        if train:
+            # before batch_end, so CheckpointCallback saves this batch when a stop is agreed
+            self._stop.after_train_batch()
         self._fire_callbacks(Event.BATCH_END)
-        self._average_batch_metrics()
-        if self._batch_loggers:
-            for logger in self._batch_loggers:
-                logger.log_metrics(self.batch_metrics, "batch", self)
-        if self.is_train_loader and self.stop_signal is not None:
+        self.loader_sync.add_batch(self.batch_metrics, self.batch_size, engine.device)
+        for logger in self._batch_loggers:
+            logger.log_metrics(self.batch_metrics, "batch", self)
+        if train and self._stop.signal is not None:
             # agreed at this batch (saved by CheckpointCallback); a stop agreed at a loader end
             # waits for the epoch's end and its checkpoint instead
-            raise RunStopped(self.stop_signal)
-
-    def _agree_to_stop(self) -> None:
-        """Agree on the stop flag, and on the number of batches to the next agreement."""
-        now = time.perf_counter()
-        if self.stop_check_every_n_batches is not None:
-            proposal = max(1, int(self.stop_check_every_n_batches))
-        elif self._stop_from_loader_start and self._stop_check_batches < 2:
-            # measured from the loader's start, one batch covers no batch_end callbacks (the
-            # backward and step): too short a step; measure again over the next batch
-            proposal = 1
-        else:
-            step = (now - self._stop_check_time) / max(self._stop_check_batches, 1)
-            proposal = self.stop_check_seconds / step if step > 0 else self.stop_check_max_batches
-            proposal = int(min(max(proposal, 1), self.stop_check_max_batches))
-        self._stop_from_loader_start = False
-        signum, every = _agreement(self.engine.agree_to_stop(self._stop_flag.signum, proposal))
-        self._adopt_agreement(signum, every)
-        self._stop_countdown = self._stop_check_batches = self._stop_every
-        self._stop_check_time = now
-
-    def _adopt_agreement(self, signum: int | None, every: int | None) -> None:
-        # None: no agreement was in flight (the first one, or the first after a loader end);
-        # every rank gets the same answers at the same calls, so all keep the same count
-        if signum is not None:
-            self.stop_signal = signum
-        if every is not None:
-            self._stop_every = every
-
-    # ------------------------------------------------------------------ resume
-    def _take_resume_position(self) -> dict[str, Any] | None:
-        position, self.resume_position = self.resume_position, None
-        if position is None or position["global_epoch_step"] != self.global_epoch_step:
-            return None
-        self.epoch_metrics = {k: dict(v) for k, v in position["epoch_metrics"].items()}
-        return position
-
-    def _resume_loader(self, loader: Any, position: dict[str, Any]) -> Any:
-        """Continue `loader` after the batch a mid-epoch checkpoint was written at."""
-        batches = resume.skip_consumed(loader, position)
-        self.loader_batch_step = int(position["loader_batch_step"])
-        self.loader_sample_step = int(position["loader_sample_step"])
-        resume.restore_metrics(self, position)
-        resume.restore_rng(self, position)  # after iter(): a DataLoader draws its seed there
-        return batches
+            raise RunStopped(self._stop.signal)
 
     # ------------------------------------------------------------- bookkeeping
     def _reset_experiment_state(self) -> None:
         self.global_epoch_step = self.global_batch_step = self.global_sample_step = 0
         self.need_early_stop = False
         self.need_exception_reraise = True
-        self.stop_signal: int | None = None
         self.exception: BaseException | None = None
-        self._tracked_metrics: list[Metric] = []
-        self._exact_keys: set[str] = set()
-        self._batch_averages: dict[str, AdditiveMetric] = {}
+        self.loader_sync.start_run()
+        self._resume = Resume()
         self._batch_loggers: list[Any] = []
-        # batch-metric keys every rank packs at loader end (None: not agreed yet this run)
-        self._agreed_keys: set[str] | None = None
-        # batches to the next stop agreement: the same on every rank (see _agree_to_stop); the
-        # first agreement comes after one batch (adaptive) and sets the pace from then on
-        fixed = self.stop_check_every_n_batches
-        self._stop_every = 1 if fixed is None else max(1, int(fixed))
-        self._stop_countdown = self._stop_check_batches = self._stop_every
-        self._stop_check_time = 0.0
-        self._stop_from_loader_start = True
-        # Set by CheckpointCallback when resuming: the mid-epoch position to continue from,
-        # and the loaded checkpoint of a resume that was asked for (consumed once).
-        self.resume_position: dict[str, Any] | None = None
-        self.resume_plan: dict[str, Any] | None = None
 
     def _start_stage(self, stage: str) -> None:
         self.stage_key = stage
@@ -427,78 +325,34 @@ class IRunner(RunnerHooks):
         self.is_train_loader = loader_key.startswith("train")
         self.is_infer_loader = loader_key.startswith("infer")
         self.is_valid_loader = not (self.is_train_loader or self.is_infer_loader)
-        self.loader_batch_len = _length(loader)
-        self.loader_batch_size = _loader_batch_size(loader)
+        self.loader_batch_len = loader_length(loader)
+        self.loader_batch_size = loader_batch_size(loader)
         self.loader_batch_step = self.loader_sample_step = 0
         self.loader_metrics = {}
-        self._tracked_metrics = []
-        self._exact_keys: set[str] = set()
-        self._batch_averages = {}
+        self.loader_sync.start_loader()
         _set_train_mode(self.model, self.is_train_loader)
-        _set_sampler_epoch(loader, self.global_epoch_step)
-        # step time for the next stop-agreement interval: measured from here, not across the
-        # loader-end sync or evaluation
-        self._stop_check_time = time.perf_counter()
-        self._stop_check_batches = self._stop_countdown
-        self._stop_from_loader_start = True
-
-    def _average_batch_metrics(self) -> None:
-        # Every batch_metrics value is averaged over the loader, weighted by batch size, in
-        # tensors on the device: no host sync per batch.
-        for key, value in self.batch_metrics.items():
-            if key in self._exact_keys:
-                continue
-            average = self._batch_averages.get(key)
-            if average is None:
-                average = AdditiveMetric(metric_key=key, with_std=False).to(self.device)
-                self._batch_averages[key] = average
-            average.update(value, self.batch_size)
+        set_loader_epoch(loader, self.global_epoch_step)
+        self._stop.start_loader()
 
     def _end_loader(self) -> None:
         # Evaluation splits may differ by a batch across ranks (a rank may have none), so loader
         # ends are where all ranks meet to agree on a stop, inside the one metric reduction; a
         # stop agreed here takes effect after the epoch's checkpoint.
-        in_flight, every = _agreement(self.engine.drain_stop_agreement())
-        if every is not None:
-            self._stop_every = every  # the drained answer still sets the pace, on every rank
-        signum = self._stop_flag.signum or in_flight
-        collectives = self.engine.collectives
-        if collectives is not None and self._agreed_keys is None:
-            self._agreed_keys = loader_sync.gather_keys(self._batch_averages, set(), self.engine)
-        while not self._sync_loader(signum, collectives):
-            # a rank logged a key the others do not pack yet: agree on the keys, reduce again
-            self._agreed_keys = loader_sync.gather_keys(
-                self._batch_averages, self._agreed_keys, self.engine
-            )
+        signum = self._stop.loader_end_signal()
+        self.loader_sync.reduce(self.engine, self.device, signum, self._on_loader_synced)
+        if self.is_train_loader:  # after OptimizerCallback stepped any window left open
+            self.engine.finish_steps()
         self.loader_metrics = {k: _to_float(v) for k, v in self.loader_metrics.items()}
         self.epoch_metrics[self.loader_key] = dict(self.loader_metrics)
         self.log_metrics(self.loader_metrics, scope="loader")
 
-    def _sync_loader(self, signum: int | None, collectives: Any) -> bool:
-        """One packed reduction of every metric state, then the loader-end callbacks inside it.
-
-        Returns False, having run no callback, when some rank holds batch-metric keys outside
-        the agreed set (see `ddprun.core.loader_sync`).
-        """
-        agreed = self._agreed_keys if collectives is not None else None
-        averages = loader_sync.averages_to_pack(self._batch_averages, agreed, self.device)
-        outside = agreed is not None and not agreed.issuperset(self._batch_averages)
-        vote, keys = StopVote(signum, self.device), loader_sync.KeyVote(outside, self.device)
-        metrics = [*self._tracked_metrics, *averages.values(), vote, keys]
-        with synchronized(metrics, collectives):
-            if not keys.compute():
-                return False
-            self.stop_signal = vote.compute()
-            # the averages first, as Catalyst's CriterionCallback has the loss there before
-            # later callbacks and the runner's own on_loader_end; a callback's value wins
-            for key, average in averages.items():
-                mean = loader_sync.mean_if_reported(average)
-                if mean is not None:
-                    self.loader_metrics[key] = mean
-            self._fire_callbacks(Event.LOADER_END)
-        if self.is_train_loader:  # after OptimizerCallback stepped any window left open
-            self.engine.finish_steps()
-        return True
+    def _on_loader_synced(self, means: dict[str, float], stop_signal: int | None) -> None:
+        """Inside the loader-end reduction: the averages of ``batch_metrics`` first (as
+        Catalyst's CriterionCallback has the loss there before later callbacks and the
+        runner's own on_loader_end; a callback's value wins), then the callbacks."""
+        self._stop.signal = stop_signal
+        self.loader_metrics.update(means)
+        self._fire_callbacks(Event.LOADER_END)
 
     def _fire_callbacks(self, event: Event) -> None:
         for method in self._bound[event]:
@@ -521,50 +375,13 @@ def epoch_seed(seed: int, epoch: int, engine: Any) -> int:
     return seed + epoch * max(engine.world_size, 1) + max(engine.rank, 0)
 
 
-def _agreement(answer: Any) -> tuple[int | None, int | None]:
-    """An engine's stop agreement as ``(signal, batches to the next check)``; engines written
-    before the interval was agreed return the signal alone."""
-    if isinstance(answer, tuple):
-        return answer
-    return answer, None
-
-
-def _logs_batches(logger: Any) -> bool:
-    return bool(getattr(logger, "log_batch_metrics", False))
-
-
 def _check_loaders(loaders: Any) -> dict[str, Any]:
     if not isinstance(loaders, Mapping) or not loaders:
         raise RunnerError(f"get_loaders must return a non-empty dict of loaders, got {loaders!r}")
     for key, loader in loaders.items():
-        if _length(loader) == 0:
+        if loader_length(loader) == 0:
             raise RunnerError(f"loader {key!r} is empty (0 batches); every loader needs data")
     return dict(loaders)
-
-
-def _length(loader: Any) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:  # iterable-style loaders have no length
-        return None
-
-
-def _batch_size(batch: Any) -> int:
-    first = batch
-    if isinstance(batch, Mapping):
-        first = next(iter(batch.values()), None)
-    elif isinstance(batch, (list, tuple)) and batch:
-        first = batch[0]
-    if isinstance(first, torch.Tensor):
-        return int(first.shape[0]) if first.dim() else 1
-    return len(first) if hasattr(first, "__len__") else 1
-
-
-def _loader_batch_size(loader: Any) -> int | None:
-    size = getattr(loader, "batch_size", None)
-    if size is None:
-        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
-    return size
 
 
 def _set_train_mode(model: Any, train: bool) -> None:
@@ -572,19 +389,6 @@ def _set_train_mode(model: Any, train: bool) -> None:
     for module in modules:
         if isinstance(module, torch.nn.Module):
             module.train(train)
-
-
-def _set_sampler_epoch(loader: Any, epoch: int) -> None:
-    sampler = getattr(loader, "sampler", None)
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    for candidate in (sampler, getattr(batch_sampler, "sampler", None), batch_sampler):
-        if hasattr(candidate, "set_epoch"):
-            candidate.set_epoch(epoch)
-            return
-    # an iterable dataset reseeds its own stream (webdataset, HF datasets style)
-    dataset = getattr(loader, "dataset", None)
-    if isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
 
 
 def _to_float(value: Any) -> float:
