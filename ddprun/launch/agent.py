@@ -1,19 +1,20 @@
-"""Run torch's elastic agent for this node; own per-rank logs, signals and the failure summary.
+"""Run torch's elastic agent for this node: its `LaunchConfig`, the workers' command, signals.
 
 Process management is torch's: `elastic_launch` runs a `LocalElasticAgent` in this process (its
 main thread), which starts the workers, polls them every `monitor_interval`, stops the rest when
 one fails, restarts the group up to `max_restarts` times, and on SIGINT, SIGTERM, SIGHUP, SIGQUIT
 or SIGUSR1 forwards the signal to every worker, waits `shutdown_timeout` seconds, then SIGKILLs.
 
-Output (rank logs, console, ptys) is `ddprun.launch.console`'s job; which rank failed first
-and the summary are `ddprun.launch.failures`'.
+This module also stops workers the agent left behind once it is done. Output (rank logs,
+console, ptys) is `ddprun.launch.console`'s job; which rank failed first and the summary are
+`ddprun.launch.failures`'; the rendezvous backend the agent asks for is
+`ddprun.launch.rendezvous`'.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -26,136 +27,14 @@ import torch.distributed.launcher.api as _launcher_api
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.elastic.rendezvous import (
-    RendezvousConnectionError,
-    RendezvousError,
-    RendezvousHandler,
-    RendezvousInfo,
-    RendezvousParameters,
-    RendezvousTimeoutError,
-    rendezvous_handler_registry,
-)
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from ddprun.launch.cli import NODE_RANK_CONFIG, RDZV_BACKEND, LaunchSettings
 from ddprun.launch.console import RankLogMirror, RankLogsSpecs
-from ddprun.launch.failures import choose_root_failure, report_child_failure, restart_reason
+from ddprun.launch.failures import report_child_failure, restart_reason
+from ddprun.launch.rendezvous import error_hint, register_rendezvous
+from ddprun.launch.settings import LaunchSettings
 
-__all__ = [
-    "RankLogMirror",
-    "RankLogsSpecs",
-    "build_launch_config",
-    "choose_root_failure",
-    "launch",
-    "launch_config_values",
-    "worker_command",
-]
-
-_LEFTOVER_WAIT_SECONDS = 5.0
-#: The job-wide restart count every worker sees (see `FreshWorkerStoreRendezvous`).
-RESTART_COUNT_ENV = "DDPRUN_RESTART_COUNT"
-
-
-class FreshWorkerStoreRendezvous(RendezvousHandler):
-    """torch's c10d rendezvous, except that every round gives the workers a new store and
-    nodes with a fixed node rank get it as their group rank.
-
-    Since torch 2.5 the c10d handler hosts the workers' TCPStore in the agent and, in torch
-    2.13, creates it once and hands the same server to every round. Workers do not prefix
-    their keys per attempt, so after a restart a rank can read a peer's address from the
-    failed attempt: gloo then fails with "connectFullMesh ... Connection refused" (NCCL gets
-    a stale unique id; pytorch/pytorch#135712, #167288). Dropping the cached server before
-    each round makes rank 0's agent bind a new one on port 0, as torch intended (PR #135957),
-    so keys never leak between attempts and no port is ever probed. The rendezvous store
-    itself (127.0.0.1:0 or the endpoint) is created once and kept for the whole run.
-
-    Every round the nodes also publish, in the round's store, their node rank (when fixed)
-    and how many rounds they joined before; this is where two things are settled:
-
-    - Group ranks. torch's c10d rendezvous ranks the nodes by (host name, agent pid), not by
-      ``--node-rank``: on one machine the launcher started first becomes group 0, on a cluster
-      the alphabetically first host. With `node_rank` set (a fixed-size job whose node rank
-      was given, or SLURM's), each node takes it as its group rank, so GROUP_RANK == node rank
-      and node 0's first worker is global rank 0 (the one that writes logs and checkpoints).
-      Two nodes claiming one rank fail the launch with a clear message.
-    - The job's restart count. Each agent counts only its own restarts, so a node that joins
-      a job that already ran (a replaced node, an elastic scale-up) would start its workers
-      with TORCHELASTIC_RESTART_COUNT=0 while the others resume from last.pth. The largest
-      count of earlier rounds over all nodes is exported as DDPRUN_RESTART_COUNT; the worker
-      wrapper raises TORCHELASTIC_RESTART_COUNT to it, so every rank agrees on resuming.
-    """
-
-    # Private attributes of torch's DynamicRendezvousHandler; absent in other versions, in
-    # which case torch's own behaviour is kept.
-    _CACHED = ("_shared_tcp_store_server", "_bootstrap_store_info")
-    _NODE_KEY = "ddprun/node/"
-
-    def __init__(self, inner: RendezvousHandler, node_rank: int | None = None) -> None:
-        self._inner = inner
-        self._node_rank = node_rank
-        self._rounds = 0  # rounds this node completed before the current one
-
-    @property
-    def use_agent_store(self) -> bool:
-        return self._inner.use_agent_store
-
-    def next_rendezvous(self) -> RendezvousInfo:
-        for name in self._CACHED:
-            if hasattr(self._inner, name):
-                setattr(self._inner, name, None)
-        info = self._agree(self._inner.next_rendezvous())
-        self._rounds += 1
-        return info
-
-    def _agree(self, info: RendezvousInfo) -> RendezvousInfo:
-        """Exchange (node rank, earlier rounds) with the round's other nodes; apply both."""
-        store, world_size = info.store, info.world_size
-        store.set(f"{self._NODE_KEY}{info.rank}", json.dumps([self._node_rank, self._rounds]))
-        nodes = [json.loads(store.get(f"{self._NODE_KEY}{rank}")) for rank in range(world_size)]
-        os.environ[RESTART_COUNT_ENV] = str(max(rounds for _, rounds in nodes))
-        if self._node_rank is None:
-            return info
-        claimed = [node_rank for node_rank, _ in nodes]
-        if None in claimed or sorted(claimed) != list(range(world_size)):
-            raise RendezvousError(
-                f"the {world_size} nodes gave node ranks {claimed}; each node needs its own "
-                f"--node-rank in 0..{world_size - 1}"
-            )
-        return RendezvousInfo(store, self._node_rank, world_size, info.bootstrap_store_info)
-
-    def get_backend(self) -> str:
-        return RDZV_BACKEND
-
-    def get_run_id(self) -> str:
-        return self._inner.get_run_id()
-
-    def is_closed(self) -> bool:
-        return self._inner.is_closed()
-
-    def set_closed(self) -> None:
-        self._inner.set_closed()
-
-    def num_nodes_waiting(self) -> int:
-        return self._inner.num_nodes_waiting()
-
-    def shutdown(self) -> bool:
-        return self._inner.shutdown()
-
-
-def _create_rendezvous(params: RendezvousParameters) -> RendezvousHandler:
-    config = dict(params.config)
-    node_rank = config.pop(NODE_RANK_CONFIG, None)
-    c10d = RendezvousParameters(
-        "c10d", params.endpoint, params.run_id, params.min_nodes, params.max_nodes,
-        params.local_addr, **config,
-    )  # fmt: skip
-    inner = rendezvous_handler_registry.create_handler(c10d)
-    return FreshWorkerStoreRendezvous(inner, None if node_rank is None else int(node_rank))
-
-
-def _register_rendezvous() -> None:
-    """Register ddprun's backend name; registering the same creator again is a no-op."""
-    rendezvous_handler_registry.register(RDZV_BACKEND, _create_rendezvous)
+__all__ = ["build_launch_config", "launch", "launch_config_values", "worker_command"]
 
 
 def launch_config_values(settings: LaunchSettings, logs_specs: DefaultLogsSpecs) -> dict[str, Any]:
@@ -258,6 +137,9 @@ def _restore_stop_signals() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+_LEFTOVER_WAIT_SECONDS = 5.0
+
+
 def _leftover_workers() -> list[psutil.Process]:
     workers = []
     for child in psutil.Process().children():
@@ -279,25 +161,6 @@ def _kill_leftover_workers() -> None:
         except OSError:
             pass
     psutil.wait_procs(workers, timeout=_LEFTOVER_WAIT_SECONDS)
-
-
-def _launch_error_hint(error: Exception, settings: LaunchSettings) -> str:
-    """What a rendezvous error most likely means for a multi-node job."""
-    if settings.is_single_node:
-        return ""
-    endpoint = settings.rendezvous().endpoint
-    if isinstance(error, RendezvousTimeoutError):
-        return (
-            f" (fewer than {settings.min_nodes} nodes joined {endpoint} within "
-            f"{settings.rdzv_timeout} s; see --rdzv-timeout)"
-        )
-    if isinstance(error, RendezvousConnectionError) and settings.rendezvous().configs.get(
-        "is_host"
-    ):
-        return f" (could not host the rendezvous store on {endpoint}: port taken, or two node 0s?)"
-    if isinstance(error, RendezvousConnectionError):
-        return f" (the rendezvous store at {endpoint} is unreachable: is node 0's launcher up?)"
-    return ""
 
 
 # Once a worker has failed there is nothing left to save: the others get this much time between
@@ -364,7 +227,7 @@ def launch(settings: LaunchSettings) -> int:
         itself failed, 128+N when the launcher was stopped by signal N.
     """
     _quiet_torch_logging()
-    _register_rendezvous()
+    register_rendezvous()
     mirror = RankLogMirror(
         os.path.join(settings.logdir, "ranks"),
         bool(settings.tee),
@@ -394,7 +257,7 @@ def launch(settings: LaunchSettings) -> int:
     except Exception as exc:  # rendezvous and other launcher errors: one line, no torch dump
         _set_stop_signals(signal.SIG_IGN)
         what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        print(f"ddprun: launch failed: {what}{_launch_error_hint(exc, settings)}", file=sys.stderr)
+        print(f"ddprun: launch failed: {what}{error_hint(exc, settings)}", file=sys.stderr)
         return 1
     finally:
         _set_stop_signals(signal.SIG_IGN)  # let the cleanup finish even on a second Ctrl-C

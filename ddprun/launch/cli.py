@@ -1,11 +1,12 @@
 """``ddprun`` command line: parse, validate, resolve defaults -> one `LaunchSettings`.
 
-The flags (ddprun's own names and torchrun's, in both spellings) and their value parsers live
-in `flags.py`; this module resolves them. Every flag has an environment twin (``--nproc`` <->
-``DDPRUN_NPROC``). Precedence, highest first: the flag, its twin, the cluster scheduler (SLURM,
-see `cluster.py`), the default declared on `LaunchSettings`. Everything after the script (or
-after ``-m module``) belongs to the script and is passed on untouched, even when it looks like
-a ddprun flag.
+The flags (ddprun's own names and torchrun's, in both spellings) live in `flags.py`, the
+parsers of their values in `values.py`, the settings object in `settings.py`; this module
+checks the values together and resolves them. Every flag has an environment twin (``--nproc``
+<-> ``DDPRUN_NPROC``). Precedence, highest first: the flag, its twin, the cluster scheduler
+(SLURM, see `cluster.py`), the default declared on `LaunchSettings`. Everything after the
+script (or after ``-m module``) belongs to the script and is passed on untouched, even when it
+looks like a ddprun flag.
 
 ``ddprun doctor`` is a subcommand only as the very first argument (`doctor.py`); a script
 named ``doctor`` runs as ``ddprun ./doctor`` or ``ddprun -- doctor``.
@@ -22,135 +23,20 @@ import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from ddprun import __version__
 from ddprun.launch import flags as fl
+from ddprun.launch import values as va
 from ddprun.launch.cluster import ClusterError, ClusterInfo, detect_cluster
-from ddprun.launch.flags import StreamSpec, UsageError, split_argv
+from ddprun.launch.flags import split_argv
+from ddprun.launch.settings import LaunchSettings
+from ddprun.launch.values import StreamSpec, UsageError
 
-__all__ = ["LaunchSettings", "Rendezvous", "UsageError", "build_settings", "main", "split_argv"]
+__all__ = ["UsageError", "build_settings", "main", "split_argv"]
 
-#: ddprun's rendezvous backend: torch's c10d with a fresh worker store per round (agent.py).
-RDZV_BACKEND = "ddprun-c10d"
 #: Rendezvous id of multi-node runs given none (and not under SLURM).
 SHARED_RUN_ID = "ddprun"
-#: rdzv_configs key carrying this node's fixed rank to ddprun's rendezvous (agent.py).
-NODE_RANK_CONFIG = "ddprun_node_rank"
-
-
-@dataclass(frozen=True)
-class Rendezvous:
-    """How this node's agent meets the others (torch rendezvous parameters)."""
-
-    backend: str
-    endpoint: str
-    configs: dict[str, Any]
-    local_addr: str | None
-
-
-@dataclass(frozen=True)
-class LaunchSettings:
-    """Every setting of one launch. These defaults are ddprun's only defaults.
-
-    `build_settings` returns an instance with everything resolved: `nproc` is an int,
-    `run_id` and `logdir` are filled in.
-    """
-
-    entrypoint: str = ""  # the script's path, or the module's name with is_module
-    is_module: bool = False
-    script_args: tuple[str, ...] = ()
-    nproc: int | str = "auto"  # or "cpu" / "gpu" (torchrun's words); an int once resolved
-    min_nodes: int = 1
-    max_nodes: int = 1
-    node_rank: int = 0
-    node_rank_given: bool = False  # from --node-rank, its twin or the scheduler
-    master_addr: str = "127.0.0.1"
-    master_port: int | None = None  # None on one node: the store binds a free port itself
-    rdzv_endpoint: str | None = None
-    rdzv_backend: str | None = None  # c10d/static as asked; None: keep a given node rank
-    rdzv_conf: tuple[tuple[str, str], ...] = ()  # --rdzv-conf, passed to the rendezvous
-    local_addr: str | None = None  # this node's address (workers' MASTER_ADDR on node 0)
-    run_id: str = ""  # rendezvous id; "" = generated (one node) or SLURM job id
-    max_restarts: int = 0
-    logdir: str = ""  # "" = ./ddprun_logs/<run id>
-    tee: StreamSpec = StreamSpec()  # ranks/streams also on the console, prefixed
-    redirects: StreamSpec = StreamSpec()  # streams taken off the console (files keep them)
-    local_ranks_filter: tuple[int, ...] | None = None  # console: only these local ranks
-    no_python: bool = False  # run the entrypoint as a program, without the worker wrapper
-    backend: str | None = None  # exported to workers as DDPRUN_BACKEND
-    shutdown_timeout: int = 30  # seconds between forwarding SIGTERM and SIGKILL
-    monitor_interval: float = 0.1
-    rdzv_timeout: int = 900  # seconds to wait for the nodes to join a round (each restart too)
-    start_method: str = "spawn"
-    role: str = "default"
-    signals_to_handle: str = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # forwarded to workers
-    default_master_port: int = 29500  # multi-node rendezvous port when none is given
-
-    @property
-    def is_single_node(self) -> bool:
-        return self.max_nodes == 1
-
-    @property
-    def fixed_node_rank(self) -> int | None:
-        """The group rank this node must get, or None when the rendezvous may choose.
-
-        A fixed-size multi-node job whose node rank was given (or taken from SLURM) keeps it:
-        GROUP_RANK == node rank, so node 0's local rank 0 is global rank 0. Elastic jobs
-        (MIN:MAX) and jobs without a node rank let the rendezvous order the nodes.
-        With ``--rdzv-backend static`` the node rank (default 0) is always kept; with
-        ``c10d`` the rendezvous always orders the nodes (torchrun ignores --node-rank there).
-        """
-        if self.rdzv_backend == "c10d":
-            return None
-        given = self.node_rank_given or self.rdzv_backend == "static"
-        fixed = given and self.min_nodes == self.max_nodes > 1
-        return self.node_rank if fixed else None
-
-    def console_streams(self, rank: int, local_rank: int) -> tuple[bool, bool]:
-        """Whether this worker's (stdout, stderr) reach the launcher's console.
-
-        Rank 0's streams do unless redirected (``-r``); another rank's only when tee'd
-        (``-t``); a tee'd stream shows even if redirected (torchrun: tee = redirect + console).
-        ``--local-ranks-filter`` then keeps only the listed local ranks. Every rank's streams
-        always reach its rank<N>.log.
-        """
-        if self.local_ranks_filter is not None and local_rank not in self.local_ranks_filter:
-            return False, False
-        shown = ((3 if rank == 0 else 0) & ~self.redirects.of(local_rank)) | self.tee.of(local_rank)
-        return bool(shown & 1), bool(shown & 2)
-
-    def rendezvous(self) -> Rendezvous:
-        """Where and how this node's agent meets the others (always torch's c10d rendezvous).
-
-        One node with no port given: the agent's store binds 127.0.0.1:0, a free port chosen by
-        the OS at bind time, so concurrent jobs never collide and restarts keep that store.
-        Otherwise the store listens on the endpoint (--rdzv-endpoint, or master addr:port) and
-        the node with node rank 0 hosts it; nodes keep their given node rank as group rank
-        (`fixed_node_rank`), else the rendezvous orders them. ``--rdzv-conf`` settings are
-        passed on and win over these; ``--local-addr`` is this node's address.
-        """
-        timeout = self.rdzv_timeout
-        configs: dict[str, Any] = {
-            "timeout": timeout,
-            "join_timeout": timeout,
-            **dict(self.rdzv_conf),
-        }
-        if self.fixed_node_rank is not None:
-            configs[NODE_RANK_CONFIG] = self.fixed_node_rank
-        if self.rdzv_endpoint:
-            if self.is_single_node or self.rdzv_backend == "static":
-                configs.setdefault("is_host", self.node_rank == 0)
-            return Rendezvous(RDZV_BACKEND, self.rdzv_endpoint, configs, self.local_addr)
-        if self.is_single_node and self.master_port is None:
-            configs.setdefault("is_host", True)
-            local_addr = self.local_addr or "127.0.0.1"
-            return Rendezvous(RDZV_BACKEND, "127.0.0.1:0", configs, local_addr)
-        port = self.master_port if self.master_port is not None else self.default_master_port
-        endpoint = fl.join_host_port(self.master_addr, port)
-        configs.setdefault("is_host", self.node_rank == 0)
-        return Rendezvous(RDZV_BACKEND, endpoint, configs, self.local_addr)
 
 
 def _default(name: str) -> Any:
@@ -220,7 +106,7 @@ def _nodes(raw: dict[str, Any], cluster: ClusterInfo | None) -> tuple[int, int, 
     cluster."""
     nnodes_text, source = raw["nnodes"]
     if nnodes_text is not None:
-        min_nodes, max_nodes = fl.parse_nnodes(nnodes_text, source)
+        min_nodes, max_nodes = va.parse_nnodes(nnodes_text, source)
     elif cluster is not None:
         min_nodes = max_nodes = cluster.nnodes
     else:
@@ -229,7 +115,7 @@ def _nodes(raw: dict[str, Any], cluster: ClusterInfo | None) -> tuple[int, int, 
     given = True
     if rank_text is not None:
         expected = f"an integer in 0..{max_nodes - 1}"
-        node_rank = fl.parse_int(rank_text, source, 0, max_nodes - 1, expected)
+        node_rank = va.parse_int(rank_text, source, 0, max_nodes - 1, expected)
     elif cluster is not None and cluster.nnodes == max_nodes:
         node_rank = cluster.node_rank  # only meaningful for the scheduler's own node count
     else:
@@ -249,7 +135,7 @@ def _master(
     if addr is not None and not str(addr).strip():
         raise UsageError(f"{source} must be a host name or address, got an empty string")
     port_text, port_source = raw["master_port"]
-    port = fl.parse_port(port_text, port_source) if port_text is not None else None
+    port = va.parse_port(port_text, port_source) if port_text is not None else None
     if multi_node and cluster is not None:
         addr = addr if addr is not None else cluster.master_addr
         port = port if port is not None else cluster.master_port
@@ -263,19 +149,19 @@ def _optional(raw: dict[str, Any], name: str, parse: Any, default: Any) -> Any:
 
 def _run_id(raw: dict[str, Any], cluster: ClusterInfo | None, multi_node: bool) -> str:
     """The rendezvous id: given, else SLURM's job id, else one every node can agree on."""
-    given = _optional(raw, "rdzv_id", fl.parse_run_id, None)
+    given = _optional(raw, "rdzv_id", va.parse_run_id, None)
     if given:
         return given
     if cluster is not None:
-        return fl.parse_run_id(cluster.job_id, "SLURM_JOB_ID")
+        return va.parse_run_id(cluster.job_id, "SLURM_JOB_ID")
     # Nodes cannot agree on a random id, so several nodes share a fixed one (torchrun: "none").
     return SHARED_RUN_ID if multi_node else _generated_run_id()
 
 
 def _logdir(raw: dict[str, Any], run_id: str) -> str:
     """--logdir DIR is the folder itself; torchrun's --log-dir DIR a parent: DIR/<run id>."""
-    logdir = _optional(raw, "logdir", fl.parse_text, "")
-    parent = _optional(raw, "log_dir", fl.parse_text, "")
+    logdir = _optional(raw, "logdir", va.parse_text, "")
+    parent = _optional(raw, "log_dir", va.parse_text, "")
     if logdir and parent:
         raise UsageError(f"give {raw['logdir'][1]} (the log folder) or {raw['log_dir'][1]} "
                          "(its parent), not both")  # fmt: skip
@@ -286,15 +172,15 @@ def _logdir(raw: dict[str, Any], run_id: str) -> str:
 
 def _rdzv(raw: dict[str, Any], min_nodes: int, max_nodes: int) -> dict[str, Any]:
     """--rdzv-backend, --rdzv-endpoint, --rdzv-conf and --rdzv-timeout, checked together."""
-    backend = _optional(raw, "rdzv_backend", fl.parse_choice(fl.RDZV_BACKENDS), None)
+    backend = _optional(raw, "rdzv_backend", va.parse_choice(fl.RDZV_BACKENDS), None)
     if backend == "static" and min_nodes != max_nodes:
         raise UsageError(f"{raw['rdzv_backend'][1]} static needs a fixed node count, got "
                          f"--nnodes {min_nodes}:{max_nodes} (use c10d for elastic jobs)")  # fmt: skip
-    endpoint = _optional(raw, "rdzv_endpoint", fl.parse_endpoint, None)
-    if endpoint and max_nodes > 1 and fl.endpoint_port(endpoint) == 0:
+    endpoint = _optional(raw, "rdzv_endpoint", va.parse_endpoint, None)
+    if endpoint and max_nodes > 1 and va.endpoint_port(endpoint) == 0:
         raise UsageError(f"{raw['rdzv_endpoint'][1]} port 0 (a free port) works on one node "
                          f"only; give the {max_nodes} nodes a fixed port")  # fmt: skip
-    conf = _optional(raw, "rdzv_conf", fl.parse_rdzv_conf, {})
+    conf = _optional(raw, "rdzv_conf", va.parse_rdzv_conf, {})
     # The join timeout is --rdzv-timeout's setting: the flag wins, else --rdzv-conf's.
     conf_timeout = conf.pop("join_timeout", None) or conf.pop("timeout", None)
     conf.pop("timeout", None)
@@ -303,7 +189,7 @@ def _rdzv(raw: dict[str, Any], min_nodes: int, max_nodes: int) -> dict[str, Any]
         "rdzv_backend": backend,
         "rdzv_endpoint": endpoint,
         "rdzv_conf": tuple(sorted(conf.items())),
-        "rdzv_timeout": _optional(raw, "rdzv_timeout", fl.positive, default),
+        "rdzv_timeout": _optional(raw, "rdzv_timeout", va.positive, default),
     }
 
 
@@ -357,8 +243,8 @@ def build_settings(argv: Sequence[str], env: Mapping[str, str]) -> LaunchSetting
     if raw["standalone"][0]:
         values.update(_standalone(raw, values))
     nproc_text, nproc_source = raw["nproc"]
-    nproc = fl.parse_nproc(nproc_text, nproc_source) if nproc_text is not None else "auto"
-    start_methods = fl.parse_choice(fl.START_METHODS)
+    nproc = va.parse_nproc(nproc_text, nproc_source) if nproc_text is not None else "auto"
+    start_methods = va.parse_choice(fl.START_METHODS)
     return LaunchSettings(
         entrypoint=entrypoint,
         is_module=is_module,
@@ -366,20 +252,20 @@ def build_settings(argv: Sequence[str], env: Mapping[str, str]) -> LaunchSetting
         script_args=tuple(script_args),
         nproc=_resolve_nproc(nproc, nproc_source),
         logdir=_logdir(raw, values["run_id"]),
-        max_restarts=_optional(raw, "max_restarts", fl.nonnegative, _default("max_restarts")),
-        tee=_optional(raw, "tee", fl.parse_streams, StreamSpec()),
-        redirects=_optional(raw, "redirects", fl.parse_streams, StreamSpec()),
-        local_ranks_filter=_optional(raw, "local_ranks_filter", fl.parse_ranks, None),
-        local_addr=_optional(raw, "local_addr", fl.parse_text, None),
-        backend=_optional(raw, "backend", fl.parse_backend, _default("backend")),
+        max_restarts=_optional(raw, "max_restarts", va.nonnegative, _default("max_restarts")),
+        tee=_optional(raw, "tee", va.parse_streams, StreamSpec()),
+        redirects=_optional(raw, "redirects", va.parse_streams, StreamSpec()),
+        local_ranks_filter=_optional(raw, "local_ranks_filter", va.parse_ranks, None),
+        local_addr=_optional(raw, "local_addr", va.parse_text, None),
+        backend=_optional(raw, "backend", va.parse_backend, _default("backend")),
         shutdown_timeout=_optional(
-            raw, "shutdown_timeout", fl.nonnegative, _default("shutdown_timeout")
+            raw, "shutdown_timeout", va.nonnegative, _default("shutdown_timeout")
         ),
         monitor_interval=_optional(
-            raw, "monitor_interval", fl.positive_seconds, _default("monitor_interval")
+            raw, "monitor_interval", va.positive_seconds, _default("monitor_interval")
         ),
         start_method=_optional(raw, "start_method", start_methods, _default("start_method")),
-        role=_optional(raw, "role", fl.parse_text, _default("role")),
+        role=_optional(raw, "role", va.parse_text, _default("role")),
         **values,
     )
 

@@ -18,7 +18,7 @@ It checks, in order, and prints one line per finding:
 5. a 2-process all-reduce on each available backend: two real processes on this machine meet
    in a TCPStore this process hosts on 127.0.0.1, initialise the backend as a job would
    (same environment) and sum 1 + 2; gloo on the CPU, NCCL on GPUs 0 and 1 when two are
-   visible. They are killed after ``--timeout`` seconds.
+   visible. They are killed after ``--timeout`` seconds (the probe: `doctor_allreduce.py`).
 
 Exit 0 when nothing is wrong. Otherwise exit 1 after one line per problem on stderr, each
 with its fix (``ddprun doctor: problem: ...; fix: ...``). Invalid arguments exit 2.
@@ -33,11 +33,8 @@ import argparse
 import ipaddress
 import os
 import platform
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,13 +42,14 @@ from typing import Any, NoReturn
 
 from ddprun import __version__
 from ddprun.launch import flags as fl
-from ddprun.launch.flags import UsageError
+from ddprun.launch import values as va
+from ddprun.launch.doctor_allreduce import run_allreduce, worker_main
+from ddprun.launch.values import UsageError
 
 __all__ = ["Report", "check_reachable", "main"]
 
 #: Where ddprun's multi-node rendezvous listens when only the master address is given.
 DEFAULT_MASTER_PORT = 29500
-_RESULT_TAG = "ddprun-doctor-allreduce"
 
 
 @dataclass
@@ -101,13 +99,13 @@ def _target(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[str, str,
 
     endpoint, source = given("rdzv_endpoint")
     if endpoint:
-        host, _, port = fl.parse_endpoint(endpoint, source).rpartition(":")
+        host, _, port = va.parse_endpoint(endpoint, source).rpartition(":")
         return "--rdzv-endpoint", host.strip("[]"), int(port)
     (addr, addr_source), (port_text, port_source) = given("master_addr"), given("master_port")
     if not addr and not port_text:
         return None
-    port = fl.parse_port(port_text, port_source) if port_text else DEFAULT_MASTER_PORT
-    return "--master-addr/--master-port", fl.parse_text(addr or "127.0.0.1", addr_source), port
+    port = va.parse_port(port_text, port_source) if port_text else DEFAULT_MASTER_PORT
+    return "--master-addr/--master-port", va.parse_text(addr or "127.0.0.1", addr_source), port
 
 
 def _is_loopback(address: str) -> bool:
@@ -268,7 +266,7 @@ def _fix_for(why: str, flag: str) -> str:
 
 def check_target(report: Report, target: tuple[str, str, int], timeout: float) -> None:
     flag, host, port = target
-    shown = fl.join_host_port(host, port)
+    shown = va.join_host_port(host, port)
     if port == 0:
         report.say("reach", f"{shown}: port 0 picks a free port at launch; nothing to check")
         return
@@ -278,58 +276,6 @@ def check_target(report: Report, target: tuple[str, str, int], timeout: float) -
         return
     report.say("reach", f"{shown}: NOT reachable: {why}")
     report.problem(f"{flag} {shown}: {why}", _fix_for(why, flag))
-
-
-def run_allreduce(backend: str, timeout: float) -> tuple[str | None, float]:
-    """Sum 1 + 2 over two real processes on `backend`; (None, s) if they got 3, else (why, s)."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    store = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=timeout),
-                          wait_for_workers=False)  # fmt: skip
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="ddprun-doctor-") as folder:
-        procs, outputs = [], []
-        for rank in range(2):
-            out = open(os.path.join(folder, f"rank{rank}.txt"), "w+")  # noqa: SIM115
-            outputs.append(out)
-            argv = [sys.executable, "-m", "ddprun.launch.doctor", "_worker", backend, str(rank),
-                    str(store.port), str(timeout)]  # fmt: skip
-            procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                          env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                          start_new_session=True))  # fmt: skip
-        timed_out = _wait_all(procs, start + timeout)
-        seconds = time.monotonic() - start
-        texts = []
-        for out in outputs:
-            out.seek(0)
-            texts.append(out.read())
-            out.close()
-    if timed_out:
-        return f"did not finish within {timeout:g} s", seconds
-    for rank, (proc, text) in enumerate(zip(procs, texts)):
-        values = [line.split()[1] for line in text.splitlines() if line.startswith(_RESULT_TAG)]
-        if proc.returncode != 0 or values != ["3.0"]:
-            last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
-            return f"rank {rank} exited with {proc.returncode}: {last.strip()[:300]}", seconds
-    return None, seconds
-
-
-def _wait_all(procs: Sequence[subprocess.Popen], deadline: float) -> bool:
-    """Wait for every process until `deadline`; kill what is left. True if it had to."""
-    while any(proc.poll() is None for proc in procs):
-        if time.monotonic() > deadline:
-            for proc in procs:
-                if proc.poll() is None:
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                proc.wait()
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def check_allreduce(report: Report, backends: Sequence[str], gpus: int, timeout: float) -> None:
@@ -356,34 +302,13 @@ def check_allreduce(report: Report, backends: Sequence[str], gpus: int, timeout:
                            slow + fixes[backend])  # fmt: skip
 
 
-def _worker(argv: Sequence[str]) -> NoReturn:
-    """One all-reduce process: ``_worker BACKEND RANK STORE_PORT TIMEOUT``."""
-    backend, rank, port, timeout = argv[0], int(argv[1]), int(argv[2]), float(argv[3])
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-
-    wait = timedelta(seconds=timeout)
-    store = dist.TCPStore("127.0.0.1", port, None, False, wait)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=2, timeout=wait)
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    value = torch.tensor([rank + 1.0], device=device)
-    dist.all_reduce(value)
-    print(_RESULT_TAG, float(value.item()), flush=True)
-    dist.destroy_process_group()
-    os._exit(0)  # skip finalization: the result is out, nothing else to save
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ddprun doctor``; return 0 when all is well, 1 with problems, 2 on bad arguments."""
     try:
         args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
         target = _target(args, os.environ)
-        connect_timeout = fl.positive_seconds(args.connect_timeout, "--connect-timeout")
-        timeout = fl.positive_seconds(args.timeout, "--timeout")
+        connect_timeout = va.positive_seconds(args.connect_timeout, "--connect-timeout")
+        timeout = va.positive_seconds(args.timeout, "--timeout")
     except UsageError as exc:
         print(f"ddprun doctor: error: {exc}", file=sys.stderr)
         return 2
@@ -411,7 +336,7 @@ def _is_loopback_host(host: str) -> bool:
 
 def _entry(argv: Sequence[str]) -> Any:
     if argv[:1] == ["_worker"]:
-        _worker(argv[1:])
+        worker_main(argv[1:])
     return main(argv)
 
 

@@ -1,4 +1,4 @@
-"""ddprun's flag table, torchrun's flags included, and the parsers of their values.
+"""ddprun's flag table, torchrun's flags included: --help, the argv split, the raw values.
 
 Every torchrun flag ddprun supports is accepted in both of torchrun's spellings
 (``--nproc-per-node`` and ``--nproc_per_node``); ``--help`` lists the dashed one. ddprun's own
@@ -12,8 +12,10 @@ it reads as one (``3``, ``0:3,1:1``); anything else is the script. A script real
 is run as ``ddprun --tee -- 3`` or ``ddprun --tee ./3``. The twins DDPRUN_TEE and
 DDPRUN_REDIRECTS take the same values (DDPRUN_TEE=1 is stdout only); true/yes/on mean 3.
 
-Errors name the spelling the user typed (or the twin) and say what was expected, in one line.
-Nothing here imports torch.
+`parse_args` returns each flag's raw text and where it came from; the parsers of the values
+are in `values.py`, and `cpu_count` is what ``--nproc cpu`` counts. Errors name the spelling
+the user typed (or the twin) and say what was expected, in one line. Nothing here imports
+torch.
 """
 
 from __future__ import annotations
@@ -25,26 +27,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-__all__ = ["FLAGS", "Flag", "StreamSpec", "UsageError", "parse_args", "split_argv"]
+from ddprun.launch.values import ENV_PREFIX, UsageError, is_stream_spec, parse_bool, parse_streams
 
-ENV_PREFIX = "DDPRUN_"
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-_RUN_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
-# torchrun's Std values: one code for every local rank, or "local_rank:code" pairs.
-_STD_VALUE = re.compile(r"^[0-3]$")
-_STD_MAP = re.compile(r"^\d+:[0-3](,\d+:[0-3])*$")
-#: rdzv-conf keys torch's c10d rendezvous reads as integers (seconds or counts).
-_INT_CONF_KEYS = frozenset(
-    "timeout join_timeout last_call_timeout close_timeout heartbeat_timeout read_timeout "
-    "keep_alive_interval keep_alive_max_attempt".split()
-)
+__all__ = ["FLAGS", "Flag", "cpu_count", "make_parser", "parse_args", "split_argv"]
+
 START_METHODS = ("spawn", "fork", "forkserver")
 RDZV_BACKENDS = ("c10d", "static")
-
-
-class UsageError(ValueError):
-    """An invalid argument; the message is the one line shown to the user."""
 
 
 @dataclass(frozen=True)
@@ -237,172 +225,6 @@ def parse_args(
         else:
             values[flag.dest] = (None, flag.names[-1])
     return values
-
-
-# ---- value parsers: (text, source) -> value, or UsageError naming the source ----
-
-
-def parse_bool(text: str, source: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in _TRUE or lowered in _FALSE:
-        return lowered in _TRUE
-    raise UsageError(f"{source} must be 1/0/true/false, got {text!r}")
-
-
-def parse_int(text: Any, source: str, low: int, high: int | None, expected: str) -> int:
-    try:
-        number = int(str(text).strip())
-    except ValueError:
-        raise UsageError(f"{source} must be {expected}, got {text!r}") from None
-    if number < low or (high is not None and number > high):
-        raise UsageError(f"{source} must be {expected}, got {text!r}")
-    return number
-
-
-def nonnegative(text: str, source: str) -> int:
-    return parse_int(text, source, 0, None, "an integer >= 0")
-
-
-def positive(text: str, source: str) -> int:
-    return parse_int(text, source, 1, None, "an integer >= 1")
-
-
-def positive_seconds(text: str, source: str) -> float:
-    try:
-        seconds = float(str(text).strip())
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0 or seconds == float("inf"):
-        raise UsageError(f"{source} must be a number of seconds > 0, got {text!r}")
-    return seconds
-
-
-def parse_nproc(text: str, source: str) -> int | str:
-    """A positive count, or torchrun's words auto/cpu/gpu (resolved by the caller)."""
-    word = str(text).strip().lower()
-    if word in ("auto", "cpu", "gpu"):
-        return word
-    return parse_int(text, source, 1, None, "a positive integer, 'auto', 'cpu' or 'gpu'")
-
-
-def parse_nnodes(text: str, source: str) -> tuple[int, int]:
-    expected = "N or MIN:MAX with 1 <= MIN <= MAX"
-    parts = str(text).split(":")
-    if len(parts) > 2:
-        raise UsageError(f"{source} must be {expected}, got {text!r}")
-    low = parse_int(parts[0], source, 1, None, expected)
-    high = parse_int(parts[-1], source, 1, None, expected)
-    if low > high:
-        raise UsageError(f"{source} must be {expected}, got {text!r}")
-    return low, high
-
-
-def parse_port(text: str, source: str) -> int:
-    return parse_int(text, source, 1, 65535, "a port number in 1..65535")
-
-
-def parse_endpoint(text: str, source: str) -> str:
-    """HOST:PORT (IPv6 as [::1]:PORT); port 0 asks for a free port (one node only)."""
-    host, _, port = str(text).rpartition(":")
-    if not host.strip("[]") or not port:
-        raise UsageError(f"{source} must be HOST:PORT, got {text!r}")
-    parse_int(port, source, 0, 65535, "HOST:PORT with a port in 0..65535 (0: a free one)")
-    return str(text)
-
-
-def join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
-def endpoint_port(endpoint: str) -> int:
-    return int(endpoint.rpartition(":")[2])
-
-
-def parse_backend(text: str, source: str) -> str:
-    if text not in ("gloo", "nccl"):
-        raise UsageError(f"{source} must be 'gloo' or 'nccl', got {text!r}")
-    return text
-
-
-def parse_choice(choices: Sequence[str]) -> Any:
-    def parse(text: str, source: str) -> str:
-        if text not in choices:
-            names = ", ".join(repr(choice) for choice in choices)
-            raise UsageError(f"{source} must be one of {names}, got {text!r}")
-        return text
-
-    return parse
-
-
-def parse_run_id(text: str, source: str) -> str:
-    if not _RUN_ID.match(text):
-        raise UsageError(f"{source} must be letters, digits, '.', '_' or '-', got {text!r}")
-    return text
-
-
-def parse_text(text: str, source: str) -> str:
-    if not str(text).strip():
-        raise UsageError(f"{source} must not be empty")
-    return str(text).strip()
-
-
-def parse_rdzv_conf(text: str, source: str) -> dict[str, str]:
-    """torchrun's KEY=VALUE,... rendezvous settings; integer keys are checked here."""
-    conf: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in str(text).split(","))):
-        key, sep, value = (part.strip() for part in item.partition("="))
-        if not key or not sep or not value:
-            raise UsageError(f"{source} must be KEY=VALUE[,KEY=VALUE...], got {text!r}")
-        if key in _INT_CONF_KEYS:
-            parse_int(value, f"{source} {key}", 1, None, "an integer >= 1")
-        if key == "is_host":
-            parse_bool(value, f"{source} is_host")
-        conf[key] = value
-    return conf
-
-
-def parse_ranks(text: str, source: str) -> tuple[int, ...]:
-    expected = "comma-separated local ranks like 0,1"
-    parts = [part.strip() for part in str(text).split(",")]
-    if not all(part.isdigit() for part in parts):
-        raise UsageError(f"{source} must be {expected}, got {text!r}")
-    return tuple(sorted({int(part) for part in parts}))
-
-
-def is_stream_spec(text: str) -> bool:
-    return bool(_STD_VALUE.match(text) or _STD_MAP.match(text))
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    """torchrun's Std value for --redirects/--tee: 0 none, 1 stdout, 2 stderr, 3 both, for
-    every local rank (`default`) or per local rank (`per_rank`; ranks not listed: 0)."""
-
-    default: int = 0
-    per_rank: tuple[tuple[int, int], ...] = ()
-
-    def of(self, local_rank: int) -> int:
-        """The streams (bit 1 stdout, bit 2 stderr) chosen for `local_rank`."""
-        return dict(self.per_rank).get(local_rank, self.default)
-
-    def __bool__(self) -> bool:
-        return bool(self.default) or any(code for _, code in self.per_rank)
-
-
-def parse_streams(text: Any, source: str) -> StreamSpec:
-    """0-3 or ``local_rank:code,...``; the twin may also say true/false (3/0)."""
-    value = str(text).strip()
-    if source.startswith(ENV_PREFIX) and not value.isdigit() and ":" not in value:
-        value = "3" if parse_bool(value, source) else "0"
-    if _STD_VALUE.match(value):
-        return StreamSpec(int(value))
-    if _STD_MAP.match(value):
-        pairs = (item.split(":") for item in value.split(","))
-        return StreamSpec(0, tuple(sorted((int(rank), int(code)) for rank, code in pairs)))
-    raise UsageError(
-        f"{source} must be 0-3 (0 none, 1 stdout, 2 stderr, 3 both) or per local rank like "
-        f"0:3,1:1, got {text!r}"
-    )
 
 
 def cpu_count() -> int:

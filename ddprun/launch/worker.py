@@ -7,7 +7,7 @@ The agent starts every worker as ``python -u -m ddprun.launch.worker MODE TARGET
    launcher leaves no orphans; the worker's parent is the agent, i.e. the launcher process;
 2. sets OMP_NUM_THREADS to cores // local world size when unset (before torch is imported);
    raises TORCHELASTIC_RESTART_COUNT to the job's count (DDPRUN_RESTART_COUNT: the most
-   rounds any node has run, see agent.py; SLURM_RESTART_COUNT: a requeued job), so the
+   rounds any node has run, see rendezvous.py; SLURM_RESTART_COUNT: a requeued job), so the
    workers of a node that (re)joined a running job, or of a requeued job, resume from
    last.pth like everyone else;
 3. arms `ddprun.process_exit` (its process-group teardown becomes the first exit handler, so

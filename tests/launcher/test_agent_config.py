@@ -12,13 +12,9 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 from torch.distributed.launcher.api import LaunchConfig
 
-from ddprun.launch.agent import (
-    build_launch_config,
-    choose_root_failure,
-    launch_config_values,
-    worker_command,
-)
+from ddprun.launch.agent import build_launch_config, launch_config_values, worker_command
 from ddprun.launch.cli import build_settings
+from ddprun.launch.failures import choose_root_failure
 
 
 @pytest.fixture

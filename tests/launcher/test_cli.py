@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ddprun.launch.cli import LaunchSettings, UsageError, build_settings, split_argv
+from ddprun.launch.cli import UsageError, build_settings, split_argv
+from ddprun.launch.settings import LaunchSettings
 
 from .helpers import clean_env, ddprun_argv
 

@@ -15,7 +15,8 @@ import pytest
 
 from ddprun.distributed import find_free_port
 from ddprun.launch import flags
-from ddprun.launch.cli import LaunchSettings, UsageError, build_settings, split_argv
+from ddprun.launch.cli import UsageError, build_settings, split_argv
+from ddprun.launch.settings import LaunchSettings
 
 from .helpers import (
     Result,

@@ -11,13 +11,14 @@ import pytest
 import torch.distributed as dist
 from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousInfo
 
-from ddprun.launch.agent import (
+from ddprun.launch.agent import launch_config_values
+from ddprun.launch.cli import UsageError, build_settings
+from ddprun.launch.rendezvous import (
     RESTART_COUNT_ENV,
     FreshWorkerStoreRendezvous,
     _create_rendezvous,
-    launch_config_values,
 )
-from ddprun.launch.cli import NODE_RANK_CONFIG, UsageError, build_settings
+from ddprun.launch.settings import NODE_RANK_CONFIG
 
 SLURM = {"SLURM_JOB_ID": "77", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
          "SLURM_JOB_NODELIST": "node[07-08]"}  # fmt: skip
