@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ddprun.core.callback import Callback
-from ddprun.core.runner import RunnerError
+from ddprun.core.runner import IRunner, RunnerError
 from ddprun.core.runner_train import Runner
 
 Keys = str | Sequence[str] | None
@@ -66,7 +66,7 @@ class SupervisedRunner(Runner):
             f"input_key={self._input_key!r}; give the loader dict batches instead"
         )
 
-    def on_batch_start(self, runner: Any) -> None:
+    def on_batch_start(self, runner: IRunner) -> None:
         """A 2-tuple batch becomes ``{input_key: ..., target_key: ...}`` before the callbacks."""
         self.batch = self._process_batch(self.batch)
 

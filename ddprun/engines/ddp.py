@@ -13,7 +13,7 @@ import datetime
 import os
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,9 @@ from ddprun.engines.device import parse_dtype
 from ddprun.engines.engine import IEngine, map_components
 from ddprun.engines.precision import MixedPrecision
 from ddprun.engines.spawn import run_spawned
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -77,7 +80,7 @@ class DistributedDataParallelEngine(IEngine):
         """True under plain ``python``: no launcher environment and no group yet."""
         return not distributed.is_launched() and not dist.is_initialized()
 
-    def spawn(self, runner: Any) -> None:
+    def spawn(self, runner: IRunner) -> None:
         """Run ``runner.run()`` in spawned workers (``ddprun.engines.spawn``); rank 0's model
         and final metrics come back into `runner`."""
         run_spawned(runner, self.spawn_world_size, self.address, self.port)

@@ -15,13 +15,16 @@ import tempfile
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ddprun import distributed
 from ddprun.checkpoint import unwrap_module
 from ddprun.engines.engine import map_components
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 
 def spawn_world_size(requested: int | None) -> int:
@@ -37,7 +40,7 @@ def spawn_world_size(requested: int | None) -> int:
     return world_size
 
 
-def run_spawned(runner: Any, world_size: int | None, address: str, port: int | None) -> None:
+def run_spawned(runner: IRunner, world_size: int | None, address: str, port: int | None) -> None:
     """Run ``runner.run()`` in `world_size` spawned workers; rank 0's model comes back.
 
     The parent waits, raises if a worker failed (naming its rank), and otherwise loads rank
@@ -127,7 +130,7 @@ def _failure_summary(folder: Path, error: Exception) -> str:
     return f"DDP worker rank {rank} failed:\n{first.read_text().rstrip()}"
 
 
-def _rank0_result(runner: Any) -> dict[str, Any]:
+def _rank0_result(runner: IRunner) -> dict[str, Any]:
     # plain module states (no `module.`/`_orig_mod.` prefix): they load into the parent's
     # model whether or not it is compiled
     model = map_components(runner.model, unwrap_module)
@@ -144,7 +147,7 @@ def _rank0_result(runner: Any) -> dict[str, Any]:
     return {"model": states, **{name: getattr(runner, name) for name in keep}}
 
 
-def _adopt_rank0_result(runner: Any, result: dict[str, Any]) -> None:
+def _adopt_rank0_result(runner: IRunner, result: dict[str, Any]) -> None:
     states = result.pop("model")
     model = runner.model if runner.model is not None else runner.get_model(result["stage_key"])
     if isinstance(model, Mapping):
