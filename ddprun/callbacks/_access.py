@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 
 class BatchKeyError(KeyError):
@@ -14,7 +17,7 @@ class BatchKeyError(KeyError):
         return str(self.args[0])
 
 
-def batch_value(runner: Any, key: str, owner: str) -> Any:
+def batch_value(runner: IRunner, key: str, owner: str) -> Any:
     """``runner.batch[key]`` or an error naming the key, the callback and the keys present."""
     batch = runner.batch
     if not isinstance(batch, Mapping):
@@ -58,12 +61,12 @@ class SkippedLoaderMetrics(dict):
     loader_skipped = True
 
 
-def loader_skipped(runner: Any, loader_key: str) -> bool:
+def loader_skipped(runner: IRunner, loader_key: str) -> bool:
     """Whether `loader_key` was skipped this epoch (see `SkippedLoaderMetrics`)."""
     return getattr(runner.epoch_metrics.get(loader_key), "loader_skipped", False)
 
 
-def epoch_metric(runner: Any, loader_key: str, metric_key: str, owner: str) -> float:
+def epoch_metric(runner: IRunner, loader_key: str, metric_key: str, owner: str) -> float:
     """``runner.epoch_metrics[loader_key][metric_key]`` with an error listing what exists
     (NaN for a key a skipped loader lacks, see `SkippedLoaderMetrics`)."""
     loader_metrics = runner.epoch_metrics.get(loader_key)

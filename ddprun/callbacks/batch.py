@@ -8,7 +8,7 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,6 +16,9 @@ from ddprun.callbacks._access import BatchKeyError, batch_value
 from ddprun.callbacks._portable import portable
 from ddprun.core.callback import Callback, CallbackOrder
 from ddprun.metrics import AdditiveMetric
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 _MODES = ("sum", "mean", "weighted_sum", "weighted_mean")
 
@@ -70,7 +73,7 @@ class MetricAggregationCallback(Callback):
         self._averages: dict[str, AdditiveMetric] = {}
 
     # ------------------------------------------------------------------ events
-    def on_loader_start(self, runner: Any) -> None:
+    def on_loader_start(self, runner: IRunner) -> None:
         if self.scope != "loader" or runner.is_infer_loader or not self.keys:
             return
         # named keys: averaged here too, for those no metric callback computes per loader
@@ -81,7 +84,7 @@ class MetricAggregationCallback(Callback):
             average.reset()
             runner.track_metric(average)
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         if runner.is_infer_loader:
             return
         metrics = runner.batch_metrics
@@ -93,7 +96,7 @@ class MetricAggregationCallback(Callback):
             if value is not None:
                 average.update(value, runner.batch_size)
 
-    def on_loader_end(self, runner: Any) -> None:
+    def on_loader_end(self, runner: IRunner) -> None:
         if self.scope != "loader" or runner.is_infer_loader:
             return
         metrics = dict(runner.loader_metrics)
@@ -105,7 +108,7 @@ class MetricAggregationCallback(Callback):
         )
 
     # ------------------------------------------------------------- arithmetic
-    def _aggregate(self, metrics: Mapping[str, Any], runner: Any, where: str) -> Any:
+    def _aggregate(self, metrics: Mapping[str, Any], runner: IRunner, where: str) -> Any:
         if callable(self.mode):
             value = self.mode(metrics, runner)
             return value * self.multiplier if self.multiplier != 1.0 else value
@@ -218,15 +221,15 @@ class BatchTransformCallback(Callback):
                 "takes and returns the whole batch"
             )
 
-    def on_batch_start(self, runner: Any) -> None:
+    def on_batch_start(self, runner: IRunner) -> None:
         if self.scope == "on_batch_start":
             self._apply(runner)
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         if self.scope == "on_batch_end":
             self._apply(runner)
 
-    def _apply(self, runner: Any) -> None:
+    def _apply(self, runner: IRunner) -> None:
         if self.input_key is None:
             runner.batch = self.transform(runner.batch)
             return

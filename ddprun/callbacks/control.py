@@ -13,10 +13,13 @@ from __future__ import annotations
 import builtins
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ddprun.callbacks._portable import portable
 from ddprun.core.callback import Callback, CallbackOrder, Event
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 FilterFn = Callable[[str, int, str], bool]
 
@@ -90,33 +93,33 @@ class ControlFlowCallback(Callback):
         """Whether the wrapped callback runs on `loader` in `epoch` of `stage`."""
         return all(check(stage, epoch, loader) for check in self.filters)
 
-    def _epoch(self, runner: Any) -> int:
+    def _epoch(self, runner: IRunner) -> int:
         return runner.global_epoch_step if self.use_global_epochs else runner.stage_epoch_step
 
     # ------------------------------------------------------------- always
-    def on_experiment_start(self, runner: Any) -> None:
+    def on_experiment_start(self, runner: IRunner) -> None:
         self.callback.on_experiment_start(runner)
 
-    def on_stage_start(self, runner: Any) -> None:
+    def on_stage_start(self, runner: IRunner) -> None:
         self.callback.on_stage_start(runner)
 
-    def on_stage_end(self, runner: Any) -> None:
+    def on_stage_end(self, runner: IRunner) -> None:
         self.callback.on_stage_end(runner)
 
-    def on_experiment_end(self, runner: Any) -> None:
+    def on_experiment_end(self, runner: IRunner) -> None:
         self.callback.on_experiment_end(runner)
 
-    def on_exception(self, runner: Any) -> None:
+    def on_exception(self, runner: IRunner) -> None:
         self.callback.on_exception(runner)
 
     # ------------------------------------------------------------- filtered
-    def on_epoch_start(self, runner: Any) -> None:
+    def on_epoch_start(self, runner: IRunner) -> None:
         stage, epoch = runner.stage_key, self._epoch(runner)
         self._epoch_on = any(self.passes(stage, epoch, key) for key in runner.loaders)
         if self._epoch_on:
             self.callback.on_epoch_start(runner)
 
-    def on_loader_start(self, runner: Any) -> None:
+    def on_loader_start(self, runner: IRunner) -> None:
         on = self.passes(runner.stage_key, self._epoch(runner), runner.loader_key)
         self._loader_on = on
         self._batch_start_on = on and self._has_batch_start
@@ -124,20 +127,20 @@ class ControlFlowCallback(Callback):
         if on:
             self.callback.on_loader_start(runner)
 
-    def on_batch_start(self, runner: Any) -> None:
+    def on_batch_start(self, runner: IRunner) -> None:
         if self._batch_start_on:
             self.callback.on_batch_start(runner)
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         if self._batch_end_on:
             self.callback.on_batch_end(runner)
 
-    def on_loader_end(self, runner: Any) -> None:
+    def on_loader_end(self, runner: IRunner) -> None:
         if self._loader_on:
             self.callback.on_loader_end(runner)
         self._loader_on = self._batch_start_on = self._batch_end_on = False
 
-    def on_epoch_end(self, runner: Any) -> None:
+    def on_epoch_end(self, runner: IRunner) -> None:
         if self._epoch_on:
             self.callback.on_epoch_end(runner)
 
@@ -270,10 +273,10 @@ class CheckRunCallback(Callback):
         self.num_batch_steps = whole_number(num_batch_steps, "num_batch_steps", 1)
         self.num_epoch_steps = whole_number(num_epoch_steps, "num_epoch_steps", 1)
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         if runner.loader_batch_step >= self.num_batch_steps:
             runner.need_early_stop = True
 
-    def on_epoch_end(self, runner: Any) -> None:
+    def on_epoch_end(self, runner: IRunner) -> None:
         if runner.stage_epoch_step >= self.num_epoch_steps:
             runner.need_early_stop = True

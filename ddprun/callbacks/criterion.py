@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ddprun.callbacks._access import batch_value, select
 from ddprun.core.callback import Callback, CallbackOrder
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 
 class CriterionCallback(Callback):
@@ -27,12 +30,12 @@ class CriterionCallback(Callback):
         self.metric_key, self.criterion_key = metric_key, criterion_key
         self._criterion: Any = None
 
-    def on_stage_start(self, runner: Any) -> None:
+    def on_stage_start(self, runner: IRunner) -> None:
         self._criterion = select(
             runner.criterion, self.criterion_key, "criterion", "CriterionCallback"
         )
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         if runner.is_infer_loader:
             return
         inputs = batch_value(runner, self.input_key, "CriterionCallback")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ddprun.callbacks._access import epoch_metric, loader_skipped
 from ddprun.core.callback import Callback, CallbackOrder
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 
 class EarlyStoppingCallback(Callback):
@@ -31,10 +34,10 @@ class EarlyStoppingCallback(Callback):
         self.best: float | None = None
         self.wait = 0
 
-    def on_stage_start(self, runner: Any) -> None:
+    def on_stage_start(self, runner: IRunner) -> None:
         self.best, self.wait = None, 0
 
-    def on_epoch_end(self, runner: Any) -> None:
+    def on_epoch_end(self, runner: IRunner) -> None:
         if loader_skipped(runner, self.loader_key):
             return  # the loader did not run this epoch (PeriodicLoaderCallback): not counted
         score = epoch_metric(runner, self.loader_key, self.metric_key, "EarlyStoppingCallback")

@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ddprun.callbacks._access import SkippedLoaderMetrics
 from ddprun.callbacks.control import whole_number
 from ddprun.core.callback import Callback, CallbackOrder
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 
 # ------------------------------------------------------------ periodic loaders
@@ -65,7 +68,7 @@ class PeriodicLoaderCallback(Callback):
         period = self.periods.get(loader_key, 1)
         return period > 0 and epoch % period == 0
 
-    def on_stage_start(self, runner: Any) -> None:
+    def on_stage_start(self, runner: IRunner) -> None:
         keys = list(runner.loaders)
         unknown = sorted(set(self.periods) - set(keys))
         if unknown:
@@ -86,12 +89,12 @@ class PeriodicLoaderCallback(Callback):
                 f"(periods: {self.periods}); give one loader period 1, or leave it out"
             )
 
-    def on_epoch_start(self, runner: Any) -> None:
+    def on_epoch_start(self, runner: IRunner) -> None:
         self._stage_loaders = dict(runner.loaders)
         epoch = runner.stage_epoch_step
         runner.loaders = {k: v for k, v in runner.loaders.items() if self.runs(k, epoch)}
 
-    def on_epoch_end(self, runner: Any) -> None:
+    def on_epoch_end(self, runner: IRunner) -> None:
         if self.valid_loader_key not in runner.loaders:
             worst = math.inf if self.minimize else -math.inf
             runner.epoch_metrics[self.valid_loader_key] = SkippedLoaderMetrics(
@@ -99,13 +102,13 @@ class PeriodicLoaderCallback(Callback):
             )
         self._restore(runner)
 
-    def on_stage_end(self, runner: Any) -> None:
+    def on_stage_end(self, runner: IRunner) -> None:
         self._restore(runner)
 
-    def on_exception(self, runner: Any) -> None:
+    def on_exception(self, runner: IRunner) -> None:
         self._restore(runner)
 
-    def _restore(self, runner: Any) -> None:
+    def _restore(self, runner: IRunner) -> None:
         # by key: a loader another callback replaced during the epoch keeps its replacement
         if self._stage_loaders is not None:
             current = runner.loaders
@@ -145,7 +148,7 @@ class BatchOverfitCallback(Callback):
                 self.loader_batches[key] = whole_number(amount, f"BatchOverfitCallback: {key}", 1)
         self._limited: dict[str, _FirstBatches] = {}
 
-    def on_stage_start(self, runner: Any) -> None:
+    def on_stage_start(self, runner: IRunner) -> None:
         unknown = sorted(set(self.loader_batches) - set(runner.loaders))
         if unknown:
             raise ValueError(
@@ -154,7 +157,7 @@ class BatchOverfitCallback(Callback):
             )
         self._limited = {}
 
-    def on_epoch_start(self, runner: Any) -> None:
+    def on_epoch_start(self, runner: IRunner) -> None:
         limited = {}
         for key, loader in runner.loaders.items():
             if not isinstance(loader, _FirstBatches):
@@ -166,14 +169,14 @@ class BatchOverfitCallback(Callback):
             limited[key] = loader
         runner.loaders = limited
 
-    def on_epoch_end(self, runner: Any) -> None:
+    def on_epoch_end(self, runner: IRunner) -> None:
         self._unwrap(runner)
 
-    def on_stage_end(self, runner: Any) -> None:
+    def on_stage_end(self, runner: IRunner) -> None:
         self._unwrap(runner)
         self._limited = {}  # frees the kept batches
 
-    def on_exception(self, runner: Any) -> None:
+    def on_exception(self, runner: IRunner) -> None:
         self._unwrap(runner)
 
     def _count(self, key: str, loader: Any) -> int:
@@ -189,7 +192,7 @@ class BatchOverfitCallback(Callback):
             ) from None
         return max(1, int(length * amount))
 
-    def _unwrap(self, runner: Any) -> None:
+    def _unwrap(self, runner: IRunner) -> None:
         runner.loaders = {
             k: v.origin if isinstance(v, _FirstBatches) else v for k, v in runner.loaders.items()
         }

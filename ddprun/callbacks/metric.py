@@ -14,7 +14,7 @@ Shapes that fit neither this nor (B, C) scores raise a ValueError naming both sh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from ddprun.core.callback import Callback, CallbackOrder
 from ddprun.metrics import AccuracyMetric, ConfusionMatrixMetric, Metric
 from ddprun.metrics import MulticlassPrecisionRecallF1SupportMetric as PRFMetric
 from ddprun.metrics._support import affix, check_topk, default_topk_args
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 
 class _LoaderMetricCallback(Callback):
@@ -37,7 +40,7 @@ class _LoaderMetricCallback(Callback):
     def _make_metric(self) -> Metric:
         raise NotImplementedError
 
-    def on_loader_start(self, runner: Any) -> None:
+    def on_loader_start(self, runner: IRunner) -> None:
         if self.metric is None:
             self.metric = self._make_metric()
         self.metric.to(runner.device)
@@ -48,16 +51,16 @@ class _LoaderMetricCallback(Callback):
         """Keys this callback writes per batch and computes exactly per loader."""
         return []
 
-    def _inputs(self, runner: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inputs(self, runner: IRunner) -> tuple[torch.Tensor, torch.Tensor]:
         owner = type(self).__name__
         outputs = batch_value(runner, self.input_key, owner)
         return outputs.detach(), batch_value(runner, self.target_key, owner)
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         if not runner.is_infer_loader:
             self.metric.update(*self._inputs(runner))
 
-    def on_loader_end(self, runner: Any) -> None:
+    def on_loader_end(self, runner: IRunner) -> None:
         if not runner.is_infer_loader:
             runner.loader_metrics.update(self.metric.compute_key_value())
 
@@ -100,7 +103,7 @@ class AccuracyCallback(_LoaderMetricCallback):
     def _batch_keys(self) -> list[str]:
         return list(self.keys) if self.log_on_batch else []
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         if runner.is_infer_loader:
             return
         values = self.metric.update(*self._inputs(runner))
@@ -108,7 +111,7 @@ class AccuracyCallback(_LoaderMetricCallback):
             for key, value in zip(self.keys, values):
                 runner.batch_metrics[key] = value
 
-    def on_loader_end(self, runner: Any) -> None:
+    def on_loader_end(self, runner: IRunner) -> None:
         if not runner.is_infer_loader:
             runner.loader_metrics.update(zip(self.keys, self.metric.compute()))
 
@@ -169,7 +172,7 @@ class ConfusionMatrixCallback(_LoaderMetricCallback):
             num_classes=self.num_classes, normalize=self.normalize, threshold=self.threshold
         )
 
-    def on_loader_end(self, runner: Any) -> None:
+    def on_loader_end(self, runner: IRunner) -> None:
         if runner.is_infer_loader:
             return
         self.matrix = self.metric.compute().detach().cpu()

@@ -11,7 +11,7 @@ exact ones.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from ddprun.metrics.segmentation import (
     TrevskyMetric,
     forwarding_signature,
 )
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 __all__ = [
     "AUCCallback",
@@ -69,7 +72,7 @@ class MultilabelAccuracyCallback(_LoaderMetricCallback):
     def _batch_keys(self) -> list[str]:
         return [self.metric.key] if self.log_on_batch else []
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         if runner.is_infer_loader:
             return
         value = self.metric.update(*self._inputs(runner))
@@ -148,7 +151,7 @@ class _RegionCallback(_LoaderMetricCallback):
     def _batch_keys(self) -> list[str]:
         return self.metric.batch_keys if self.log_on_batch else []
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         if runner.is_infer_loader:
             return
         if self.log_on_batch:
@@ -243,7 +246,7 @@ class CMCScoreCallback(_LoaderMetricCallback):
             suffix=self.suffix,
         )
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         if runner.is_infer_loader:
             return
         embeddings, labels = self._inputs(runner)

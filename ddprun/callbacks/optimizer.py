@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ddprun.callbacks._access import entries, select
 from ddprun.core.callback import Callback, CallbackOrder
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 
 def _resolve_clip(fn: Callable | str | None, params: dict[str, Any] | None) -> Callable | None:
@@ -81,7 +84,7 @@ class OptimizerCallback(Callback):
         self.step_count = 0  # optimizer steps made (a plain int: read by SchedulerCallback)
         self._sync_off: contextlib.ExitStack | None = None  # no_sync held open over one batch
 
-    def on_stage_start(self, runner: Any) -> None:
+    def on_stage_start(self, runner: IRunner) -> None:
         self._optimizers = self.optimizers_of(runner)
         model = select(runner.model, self.model_key, "model", "OptimizerCallback")
         # a criterion with trainable parameters is DDP-wrapped like a model (see the DDP
@@ -89,20 +92,20 @@ class OptimizerCallback(Callback):
         criteria = [c for c in entries(runner.criterion).values() if _trainable(c)]
         self._models = [*entries(model).values(), *criteria]
 
-    def optimizers_of(self, runner: Any) -> list[torch.optim.Optimizer]:
+    def optimizers_of(self, runner: IRunner) -> list[torch.optim.Optimizer]:
         """The optimizer(s) this callback steps in `runner`'s current stage."""
         optimizer = select(runner.optimizer, self.optimizer_key, "optimizer", "OptimizerCallback")
         return list(entries(optimizer).values())
 
-    def _accumulating(self, runner: Any) -> bool:
+    def _accumulating(self, runner: IRunner) -> bool:
         step = runner.loader_batch_step
         return bool(step % self.accumulation_steps) and step != runner.loader_batch_len
 
-    def on_batch_start(self, runner: Any) -> None:
+    def on_batch_start(self, runner: IRunner) -> None:
         if self.accumulation_steps > 1 and runner.is_train_loader and self._accumulating(runner):
             self._sync_off = self._no_sync(runner.engine)  # open until this batch's backward
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         if not runner.is_train_loader:
             return
         sync_off, self._sync_off = self._sync_off, None
@@ -119,12 +122,12 @@ class OptimizerCallback(Callback):
         if sync_off is None:
             self._step(runner)
 
-    def on_exception(self, runner: Any) -> None:
+    def on_exception(self, runner: IRunner) -> None:
         if self._sync_off is not None:  # the batch failed before its backward
             self._sync_off.close()
             self._sync_off = None
 
-    def on_loader_end(self, runner: Any) -> None:
+    def on_loader_end(self, runner: IRunner) -> None:
         if not runner.is_train_loader:
             return
         if self._accumulating(runner):
@@ -160,7 +163,7 @@ class OptimizerCallback(Callback):
             stack.enter_context(engine.no_sync(model))
         return stack
 
-    def _step(self, runner: Any) -> None:
+    def _step(self, runner: IRunner) -> None:
         engine = runner.engine
         for optimizer in self._optimizers:
             if self._clip is not None:

@@ -4,13 +4,16 @@ trial when its pruner says so (``ddprun[optuna]``)."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ddprun._optional import import_optional
 from ddprun.callbacks._access import epoch_metric
 from ddprun.core.callback import Callback, CallbackOrder
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 __all__ = ["OptunaPruningCallback"]
 
@@ -65,7 +68,7 @@ class OptunaPruningCallback(Callback):
         self.best_score: float | None = None
         self._home_pid = os.getpid()
 
-    def on_stage_start(self, runner: Any) -> None:
+    def on_stage_start(self, runner: IRunner) -> None:
         if self.trial is None:
             self.trial = getattr(runner, "trial", None)
         distributed = runner.engine.world_size > 1
@@ -84,10 +87,10 @@ class OptunaPruningCallback(Callback):
                 "objective) or give the runner a `trial` attribute"
             )
 
-    def on_experiment_start(self, runner: Any) -> None:
+    def on_experiment_start(self, runner: IRunner) -> None:
         self.best_score = None  # the best of every value reported in this experiment
 
-    def on_epoch_end(self, runner: Any) -> None:
+    def on_epoch_end(self, runner: IRunner) -> None:
         score = epoch_metric(runner, self.loader_key, self.metric_key, "OptunaPruningCallback")
         if self.best_score is None or self._improved(score):
             self.best_score = score

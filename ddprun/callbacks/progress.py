@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ddprun.core.callback import Callback, CallbackNode, CallbackOrder
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 
 class TqdmCallback(Callback):
@@ -21,7 +24,7 @@ class TqdmCallback(Callback):
         self._bar: Any = None
         self._last_refresh = 0.0
 
-    def on_loader_start(self, runner: Any) -> None:
+    def on_loader_start(self, runner: IRunner) -> None:
         from tqdm.auto import tqdm
 
         self._bar = tqdm(
@@ -32,7 +35,7 @@ class TqdmCallback(Callback):
         )
         self._last_refresh = 0.0
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         self._bar.update(1)
         now = time.monotonic()
         if now - self._last_refresh >= self.refresh_seconds:
@@ -40,10 +43,10 @@ class TqdmCallback(Callback):
             values = {k: f"{_scalar(v):.4g}" for k, v in runner.batch_metrics.items()}
             self._bar.set_postfix(values, refresh=True)
 
-    def on_loader_end(self, runner: Any) -> None:
+    def on_loader_end(self, runner: IRunner) -> None:
         self._close()
 
-    def on_exception(self, runner: Any) -> None:
+    def on_exception(self, runner: IRunner) -> None:
         self._close()
 
     def _close(self) -> None:

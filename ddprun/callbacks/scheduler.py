@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ddprun.callbacks._access import entries, epoch_metric, loader_skipped, select
 from ddprun.callbacks.control import unwrap_callback
 from ddprun.callbacks.optimizer import OptimizerCallback
 from ddprun.core.callback import Callback, CallbackOrder
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 try:
     from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -55,7 +58,7 @@ class SchedulerCallback(Callback):
         self._owners: dict[str | None, OptimizerCallback | None] = {}
         self._seen: dict[str | None, int] = {}
 
-    def on_stage_start(self, runner: Any) -> None:
+    def on_stage_start(self, runner: IRunner) -> None:
         scheduler = select(runner.scheduler, self.scheduler_key, "scheduler", "SchedulerCallback")
         self._schedulers = entries(scheduler)
         if self.scheduler_key is not None:
@@ -89,13 +92,13 @@ class SchedulerCallback(Callback):
             rates["lr" if key is None else f"lr/{key}"] = float(optimizer.param_groups[0]["lr"])
         return rates
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         if self.mode != "batch" or not runner.is_train_loader:
             return
         self._step_with_optimizers(every_batch=True)
         runner.batch_metrics.update(self._learning_rates())
 
-    def on_loader_end(self, runner: Any) -> None:
+    def on_loader_end(self, runner: IRunner) -> None:
         if not runner.is_train_loader:
             return
         if self.mode == "batch":  # OptimizerCallback steps a window left open at loader end
@@ -113,7 +116,7 @@ class SchedulerCallback(Callback):
                 scheduler.step()
             self._seen[key] = owner.step_count
 
-    def on_epoch_end(self, runner: Any) -> None:
+    def on_epoch_end(self, runner: IRunner) -> None:
         if self.mode != "epoch":
             return
         for scheduler in self._schedulers.values():
@@ -128,7 +131,7 @@ class SchedulerCallback(Callback):
 
 
 def _owner(
-    callbacks: list[OptimizerCallback], optimizer: Any, runner: Any
+    callbacks: list[OptimizerCallback], optimizer: Any, runner: IRunner
 ) -> OptimizerCallback | None:
     """The OptimizerCallback stepping `optimizer`, if any (the first, should several)."""
     for callback in callbacks:

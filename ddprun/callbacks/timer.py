@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ddprun.core.callback import Callback, CallbackOrder
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 
 class TimerCallback(Callback):
@@ -20,13 +23,13 @@ class TimerCallback(Callback):
         self._batch_start = 0.0
         self._previous_end: float | None = None
 
-    def on_loader_start(self, runner: Any) -> None:
+    def on_loader_start(self, runner: IRunner) -> None:
         self._previous_end = time.perf_counter()
 
-    def on_batch_start(self, runner: Any) -> None:
+    def on_batch_start(self, runner: IRunner) -> None:
         self._batch_start = time.perf_counter()
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         now = time.perf_counter()
         batch_time = max(now - self._batch_start, 1e-9)
         data_time = self._batch_start - (self._previous_end or self._batch_start)

@@ -9,7 +9,7 @@ runner's one loader-end reduction.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -18,6 +18,9 @@ from ddprun.callbacks.metric import _LoaderMetricCallback
 from ddprun.metrics import Metric
 from ddprun.metrics._support import affix
 from ddprun.metrics.torchmetrics_adapter import TorchMetric
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 __all__ = ["TorchMetricsCallback"]
 
@@ -67,7 +70,7 @@ class TorchMetricsCallback(_LoaderMetricCallback):
     def _batch_keys(self) -> list[str]:
         return [self.batch_key] if self.log_on_batch else []
 
-    def _arguments(self, runner: Any) -> tuple[list[Any], dict[str, Any]]:
+    def _arguments(self, runner: IRunner) -> tuple[list[Any], dict[str, Any]]:
         owner = type(self).__name__
         args: list[Any] = []
         kwargs: dict[str, Any] = {}
@@ -81,7 +84,7 @@ class TorchMetricsCallback(_LoaderMetricCallback):
                 args.extend(_detach(batch_value(runner, k, owner)) for k in names)
         return args, kwargs
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         if runner.is_infer_loader:
             return
         args, kwargs = self._arguments(runner)

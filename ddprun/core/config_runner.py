@@ -66,6 +66,7 @@ from ddprun.core.config_parts import (
 )
 from ddprun.core.runner import IRunner, RunnerError
 from ddprun.core.supervised import Keys, SupervisedRunner
+from ddprun.defaults import callback_class, has_callback, logger_class, with_logdir_loggers
 from ddprun.engines.factory import default_engine
 from ddprun.registry import REGISTRY, TARGET, ConfigError
 
@@ -144,17 +145,11 @@ class ConfigRunner(IRunner):
     def get_loggers(self) -> dict[str, Any]:
         """``loggers``, plus a console logger when none is given, and CSV and TensorBoard
         loggers with ``args.logdir`` (each only if none of its kind is given)."""
-        from ddprun import loggers as lgs
-
         loggers = named(self._config.get("loggers"), "loggers")
-        kinds = [("_console", lgs.ConsoleLogger, {})]
-        if self._logdir is not None:
-            kinds += [("_csv", lgs.CSVLogger, {"logdir": self._logdir})]
-            kinds += [("_tensorboard", lgs.TensorboardLogger, {"logdir": self._logdir})]
-        for key, kind, kwargs in kinds:
-            if not any(isinstance(logger, kind) for logger in loggers.values()):
-                loggers[key] = kind(**kwargs)
-        return loggers
+        console = logger_class("console")
+        if not any(isinstance(logger, console) for logger in loggers.values()):
+            loggers["_console"] = console()
+        return with_logdir_loggers(loggers, self._logdir)
 
     # --------------------------------------------------------------- data
     def get_datasets(self, stage: str) -> dict[str, Any]:
@@ -266,37 +261,35 @@ class ConfigRunner(IRunner):
 
     def get_callbacks(self, stage: str) -> dict[str, Any]:
         """The stage's ``callbacks`` plus those the args and components call for."""
-        from ddprun import callbacks as cbs
-        from ddprun.core.runner_train import _has
-
         callbacks = named(self._stage_value(stage, "callbacks"), f"stages.{stage}.callbacks")
         args = self._args
         valid_loader = args.get("valid_loader", "valid")
         valid_metric = args.get("valid_metric", "loss")
         selects = valid_loader in self.loaders  # the stage has the loader that selects
-        flags = [
-            ("verbose", "_verbose", cbs.TqdmCallback),
-            ("timeit", "_timer", cbs.TimerCallback),
-            ("check", "_check", cbs.CheckRunCallback),
-            ("overfit", "_overfit", cbs.BatchOverfitCallback),
-        ]
-        for flag, key, kind in flags:
-            if args.get(flag) and not _has(callbacks, kind):
-                callbacks[key] = kind()
-        if self.scheduler is not None and not _has(callbacks, cbs.SchedulerCallback):
-            callbacks["_scheduler"] = cbs.SchedulerCallback(
+        flags = (
+            ("verbose", "_verbose", "progress"),
+            ("timeit", "_timer", "timer"),
+            ("check", "_check", "check"),
+            ("overfit", "_overfit", "overfit"),
+        )
+        for flag, key, role in flags:
+            if args.get(flag) and not has_callback(callbacks, role):
+                callbacks[key] = callback_class(role)()
+        if self.scheduler is not None and not has_callback(callbacks, "scheduler"):
+            callbacks["_scheduler"] = callback_class("scheduler")(
                 loader_key=valid_loader if selects else None,
                 metric_key=valid_metric if selects else None,
             )
-        if self._logdir is not None and not _has(callbacks, cbs.CheckpointCallback):
-            callbacks["_checkpoint"] = cbs.CheckpointCallback(
+        checkpoint = callback_class("checkpoint")
+        if self._logdir is not None and not has_callback(callbacks, "checkpoint"):
+            callbacks["_checkpoint"] = checkpoint(
                 logdir=self._logdir,
                 loader_key=valid_loader if selects else None,
                 metric_key=valid_metric if selects else None,
                 minimize=bool(args.get("minimize_valid_metric", True)),
             )
         for callback in callbacks.values():
-            if isinstance(callback, cbs.CheckpointCallback):
+            if isinstance(callback, checkpoint):
                 callback.apply_train_options(False, args.get("resume"))
         return self._add_component_callbacks(callbacks)
 

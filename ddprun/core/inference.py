@@ -19,6 +19,7 @@ from ddprun import distributed
 from ddprun.checkpoint import unwrap_module
 from ddprun.core.runner import RunnerError
 from ddprun.data.samplers import UnpaddedDistributedSampler
+from ddprun.engines.factory import single_process_engine
 from ddprun.engines.precision import MixedPrecision
 from ddprun.utils import any2device
 
@@ -35,16 +36,16 @@ def inference_engine(engine: Any) -> Any:
     """
     if not getattr(engine, "is_ddp", False):
         return engine
-    from ddprun.engines import AMPEngine, DeviceEngine
-
     device = engine.device if engine.rank >= 0 else _planned_device(engine)
     precision = engine.precision
     if isinstance(precision, MixedPrecision):
         # the spawn-mode parent built its precision for the CUDA it saw, not for rank 0's device
         same_type = precision.device_type == device.type
-        local = AMPEngine(device, dtype=precision.dtype if same_type else None)
+        local = single_process_engine(
+            device, amp=True, dtype=precision.dtype if same_type else None
+        )
     else:
-        local = DeviceEngine(device)
+        local = single_process_engine(device)
     local.rank, local.local_rank = engine.rank, engine.local_rank
     if engine.rank < 0 and distributed.is_launched():  # launched, but the engine never set up
         local.rank, local.local_rank = int(os.environ["RANK"]), distributed.get_local_rank()

@@ -19,11 +19,14 @@ only the methods a subclass overrides: a runner that defines none costs nothing 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ddprun.core.callback import Event
 from ddprun.metrics import Metric
 from ddprun.metrics.torchmetrics_adapter import adapt_torchmetric
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 #: Events where the runner's method runs before the callbacks (the others: after them).
 _STARTS = frozenset(
@@ -40,41 +43,41 @@ _STARTS = frozenset(
 class RunnerHooks:
     """Callback methods of the runner itself (no-ops; override any of them)."""
 
-    def on_experiment_start(self, runner: Any) -> None:
+    def on_experiment_start(self, runner: IRunner) -> None:
         """After the first stage's components and callbacks are built."""
 
-    def on_stage_start(self, runner: Any) -> None:
+    def on_stage_start(self, runner: IRunner) -> None:
         """After the stage's components are built and prepared by the engine."""
 
-    def on_epoch_start(self, runner: Any) -> None:
+    def on_epoch_start(self, runner: IRunner) -> None:
         """At the start of every epoch."""
 
-    def on_loader_start(self, runner: Any) -> None:
+    def on_loader_start(self, runner: IRunner) -> None:
         """Before the first batch of each loader (its counters and state are set)."""
 
-    def on_batch_start(self, runner: Any) -> None:
+    def on_batch_start(self, runner: IRunner) -> None:
         """Before `handle_batch`, with `runner.batch` on the device."""
 
-    def on_batch_end(self, runner: Any) -> None:
+    def on_batch_end(self, runner: IRunner) -> None:
         """After the callbacks' ``on_batch_end``."""
 
-    def on_loader_end(self, runner: Any) -> None:
+    def on_loader_end(self, runner: IRunner) -> None:
         """After the callbacks' ``on_loader_end``, inside the loader-end metric sync."""
 
-    def on_epoch_end(self, runner: Any) -> None:
+    def on_epoch_end(self, runner: IRunner) -> None:
         """After the callbacks' ``on_epoch_end``, before the epoch is logged."""
 
-    def on_stage_end(self, runner: Any) -> None:
+    def on_stage_end(self, runner: IRunner) -> None:
         """After the callbacks' ``on_stage_end``."""
 
-    def on_experiment_end(self, runner: Any) -> None:
+    def on_experiment_end(self, runner: IRunner) -> None:
         """After the callbacks' ``on_experiment_end``."""
 
-    def on_exception(self, runner: Any) -> None:
+    def on_exception(self, runner: IRunner) -> None:
         """After the callbacks' ``on_exception``; `runner.exception` holds the error."""
 
 
-def with_runner_hooks(runner: Any, bound: dict[Event, list[Any]]) -> dict[Event, list[Any]]:
+def with_runner_hooks(runner: IRunner, bound: dict[Event, list[Any]]) -> dict[Event, list[Any]]:
     """`bound` (each event's callback methods, in order) with the runner's own overridden
     methods placed first for ``*_start`` events and last for the others."""
     result = {}
@@ -87,13 +90,13 @@ def with_runner_hooks(runner: Any, bound: dict[Event, list[Any]]) -> dict[Event,
     return result
 
 
-def overrides(runner: Any, event: Event) -> bool:
+def overrides(runner: IRunner, event: Event) -> bool:
     """Whether `runner`'s class defines its own method for `event`."""
     own = getattr(type(runner), event.value, None)
     return own is not None and own is not getattr(RunnerHooks, event.value)
 
 
-def metrics_held_by(runner: Any) -> list[Metric]:
+def metrics_held_by(runner: IRunner) -> list[Metric]:
     """Metrics among the runner's public attributes (directly, or as values of a dict, list or
     tuple attribute), in attribute order: the same on every rank running the same code. A bare
     ``torchmetrics.Metric`` counts too, through its `TorchMetric` adapter."""

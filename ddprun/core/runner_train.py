@@ -13,7 +13,8 @@ import torch
 from ddprun.core import inference
 from ddprun.core.callback import Callback, sort_callbacks
 from ddprun.core.runner import IRunner, RunnerError
-from ddprun.engines.factory import default_engine
+from ddprun.defaults import callback_class, has_callback, logger_class, with_logdir_loggers
+from ddprun.engines.factory import default_engine, single_process_engine
 from ddprun.utils import set_global_seed
 
 
@@ -133,9 +134,6 @@ class Runner(IRunner):
         `loaders=None` takes the loaders from `get_loaders(stage)`, for a subclass that
         overrides it.
         """
-        from ddprun import callbacks as cbs
-        from ddprun import loggers as lgs
-
         if load_best_on_end and logdir is None:
             raise RunnerError("load_best_on_end=True needs a logdir to save the best checkpoint in")
         if num_epochs < 1:
@@ -162,23 +160,25 @@ class Runner(IRunner):
         if hparams is None and trial is not None:
             hparams = dict(getattr(trial, "params", {}) or {})
         self._hparams = dict(hparams or {})
-        self._loggers = _default_loggers(loggers, logdir, lgs)
+        self._loggers = _default_loggers(loggers, logdir)
         callbacks = self._component_callbacks(sort_callbacks(callbacks))
-        if check and not _has(callbacks, cbs.CheckRunCallback):
-            callbacks["_check"] = cbs.CheckRunCallback()
-        if overfit and not _has(callbacks, cbs.BatchOverfitCallback):
-            callbacks["_overfit"] = cbs.BatchOverfitCallback()
-        if verbose and not _has(callbacks, cbs.TqdmCallback):
-            callbacks["_verbose"] = cbs.TqdmCallback()
-        if timeit and not _has(callbacks, cbs.TimerCallback):
-            callbacks["_timer"] = cbs.TimerCallback()
-        if scheduler is not None and not _has(callbacks, cbs.SchedulerCallback):
+        flags = (
+            ("_check", "check", check),
+            ("_overfit", "overfit", overfit),
+            ("_verbose", "progress", verbose),
+            ("_timer", "timer", timeit),
+        )
+        for key, role, wanted in flags:
+            if wanted and not has_callback(callbacks, role):
+                callbacks[key] = callback_class(role)()
+        if scheduler is not None and not has_callback(callbacks, "scheduler"):
             # stepped every epoch (all of a dict); a ReduceLROnPlateau follows valid_metric
-            callbacks["_scheduler"] = cbs.SchedulerCallback(
+            callbacks["_scheduler"] = callback_class("scheduler")(
                 loader_key=valid_loader, metric_key=valid_metric
             )
-        if logdir is not None and not _has(callbacks, cbs.CheckpointCallback):
-            callbacks["_checkpoint"] = cbs.CheckpointCallback(
+        checkpoint = callback_class("checkpoint")
+        if logdir is not None and not has_callback(callbacks, "checkpoint"):
+            callbacks["_checkpoint"] = checkpoint(
                 logdir=logdir,
                 loader_key=valid_loader,
                 metric_key=valid_metric,
@@ -186,10 +186,10 @@ class Runner(IRunner):
                 resume=resume,
                 load_on_stage_end="best" if load_best_on_end else None,
             )
-        elif resume is not None and not _has(callbacks, cbs.CheckpointCallback):
-            callbacks["_resume"] = cbs.CheckpointCallback(logdir=None, resume=resume)
+        elif resume is not None and not has_callback(callbacks, "checkpoint"):
+            callbacks["_resume"] = checkpoint(logdir=None, resume=resume)
         for callback in callbacks.values():  # the user's own CheckpointCallback honours them too
-            if isinstance(callback, cbs.CheckpointCallback):
+            if isinstance(callback, checkpoint):
                 callback.apply_train_options(load_best_on_end, resume)
         self._callbacks = sort_callbacks(callbacks)
         self.run()
@@ -236,9 +236,7 @@ class Runner(IRunner):
                 nothing. Without a launcher or a DDP engine this process is rank 0 and
                 predicts the whole loader.
         """
-        from ddprun.engines import DeviceEngine
-
-        self.engine = engine or self.engine or DeviceEngine()
+        self.engine = engine or self.engine or single_process_engine()
         model = model if model is not None else self.model
         if model is None:
             raise RunnerError("predict_loader needs a model: pass model= or train first")
@@ -291,10 +289,8 @@ class Runner(IRunner):
         pass runs in-process, on rank 0's device (see `predict_loader`), so the `callbacks`
         given here see every batch; the runner's engine stays the DDP engine.
         """
-        from ddprun import callbacks as cbs
-
         callbacks = sort_callbacks(callbacks)
-        if _has(callbacks, cbs.CheckpointCallback):
+        if has_callback(callbacks, "checkpoint"):
             raise RunnerError("evaluate_loader takes no CheckpointCallback (it trains nothing)")
         model = model if model is not None else self.model
         if model is None:
@@ -320,22 +316,10 @@ class Runner(IRunner):
         return dict(self.loader_metrics)
 
 
-def _has(callbacks: Mapping[str, Callback], kind: type) -> bool:
-    """Whether a callback of `kind` is given, also inside a ControlFlowCallback."""
-    from ddprun.callbacks.control import unwrap_callback
-
-    return any(isinstance(unwrap_callback(cb), kind) for cb in callbacks.values())
-
-
-def _default_loggers(loggers: Mapping[str, Any] | None, logdir: Any, lgs: Any) -> dict[str, Any]:
-    result = dict(loggers) if loggers is not None else {"_console": lgs.ConsoleLogger()}
-    if logdir is None:
-        return result
-    # add a CSV and a TensorBoard logger unless the user gave one of that kind
-    for key, kind in (("_csv", lgs.CSVLogger), ("_tensorboard", lgs.TensorboardLogger)):
-        if not any(isinstance(lg, kind) for lg in result.values()):
-            result[key] = kind(logdir=logdir)
-    return result
+def _default_loggers(loggers: Mapping[str, Any] | None, logdir: Any) -> dict[str, Any]:
+    """`loggers` (a console logger when None) plus CSV and TensorBoard ones with a logdir."""
+    given = dict(loggers) if loggers is not None else {"_console": logger_class("console")()}
+    return with_logdir_loggers(given, logdir)
 
 
 def _eval_mode(model: Any) -> None:

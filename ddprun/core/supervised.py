@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from ddprun.core.callback import Callback
-from ddprun.core.runner import RunnerError
+from ddprun.core.runner import IRunner, RunnerError
 from ddprun.core.runner_train import Runner
+from ddprun.defaults import callback_class, has_callback
 
 Keys = str | Sequence[str] | None
 
@@ -66,7 +67,7 @@ class SupervisedRunner(Runner):
             f"input_key={self._input_key!r}; give the loader dict batches instead"
         )
 
-    def on_batch_start(self, runner: Any) -> None:
+    def on_batch_start(self, runner: IRunner) -> None:
         """A 2-tuple batch becomes ``{input_key: ..., target_key: ...}`` before the callbacks."""
         self.batch = self._process_batch(self.batch)
 
@@ -113,20 +114,18 @@ class SupervisedRunner(Runner):
 
     # ------------------------------------------------------------------ train
     def _component_callbacks(self, callbacks: dict[str, Callback]) -> dict[str, Callback]:
-        from ddprun import callbacks as cbs
-        from ddprun.core.runner_train import _has
-
         criterion, optimizer = self._criterion, self._optimizer
-        has = lambda kind: _has(callbacks, kind)  # noqa: E731  (sees through ControlFlow)
-        if _is_component(criterion, nn.Module) and not has(cbs.CriterionCallback):
-            callbacks["_criterion"] = cbs.CriterionCallback(
+        # has_callback sees through ControlFlowCallback wrappers
+        if _is_component(criterion, nn.Module) and not has_callback(callbacks, "criterion"):
+            callbacks["_criterion"] = callback_class("criterion")(
                 input_key=self._first_output_key(),
                 target_key=self._target_key,
                 metric_key=self._loss_key,
                 criterion_key=next(iter(criterion)) if isinstance(criterion, Mapping) else None,
             )
-        if _is_component(optimizer, torch.optim.Optimizer) and not has(cbs.OptimizerCallback):
-            callbacks["_optimizer"] = cbs.OptimizerCallback(metric_key=self._loss_key)
+        optimizing = _is_component(optimizer, torch.optim.Optimizer)
+        if optimizing and not has_callback(callbacks, "optimizer"):
+            callbacks["_optimizer"] = callback_class("optimizer")(metric_key=self._loss_key)
         return callbacks
 
     def _first_output_key(self) -> str:

@@ -1,9 +1,9 @@
-"""DDP engines: join a launched process group, or spawn the workers themselves; DDP wrapping,
-distributed samplers, collectives and rank-0 checkpoint writes.
+"""The DDP strategy: join the process group a launcher described; DDP wrapping, loader
+sharding, collectives, the cross-rank stop transport, collective-timeout diagnosis.
 
-Process creation (`spawn`, used under plain ``python script.py``) is kept apart from
-process-group setup (`setup`, done in each worker), so the same engine works under ``ddprun``,
-``torchrun``, SLURM or its own spawn.
+This module starts no processes: under plain ``python script.py`` the engine's `spawn` hands
+the run to ``ddprun.engines.spawn`` (a launcher), whose workers then `setup` here like workers
+of ``ddprun``, ``torchrun`` or SLURM.
 """
 
 from __future__ import annotations
@@ -11,14 +11,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import pickle
-import sys
-import tempfile
 import time
-import traceback
 from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -26,11 +21,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ddprun import distributed
-from ddprun.checkpoint import unwrap_module
 from ddprun.data.sharding import shard_loader
 from ddprun.engines.device import parse_dtype
 from ddprun.engines.engine import IEngine, map_components
 from ddprun.engines.precision import MixedPrecision
+from ddprun.engines.spawn import run_spawned
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -82,34 +80,10 @@ class DistributedDataParallelEngine(IEngine):
         """True under plain ``python``: no launcher environment and no group yet."""
         return not distributed.is_launched() and not dist.is_initialized()
 
-    def spawn(self, runner: Any) -> None:
-        """Run ``runner.run()`` in `world_size` spawned workers; rank 0's model comes back.
-
-        The parent waits, raises if a worker failed (naming its rank), and otherwise loads
-        rank 0's trained weights and final metrics into `runner`.
-        """
-        import torch.multiprocessing as mp
-
-        _refuse_nested_spawn()
-        world_size = self.spawn_world_size or torch.cuda.device_count() or 2
-        if self.spawn_world_size is None:
-            print(
-                f"[ddprun] spawning {world_size} worker processes "
-                f"({'one per GPU' if torch.cuda.is_available() else 'CPU, gloo'})",
-                flush=True,
-            )
-        port = self.port or distributed.find_free_port(self.address)
-        with tempfile.TemporaryDirectory(prefix="ddprun-spawn-") as folder:
-            # Plain pickle copies tensor data. torch.multiprocessing would instead hand every
-            # worker the *same* shared-memory storage, so N ranks would step one set of weights.
-            args = (pickle.dumps(runner), world_size, self.address, port, folder)
-            try:
-                mp.start_processes(
-                    _spawned_worker, args=args, nprocs=world_size, join=True, start_method="spawn"
-                )
-            except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
-                raise RuntimeError(_failure_summary(Path(folder), error)) from None
-            _adopt_rank0_result(runner, torch.load(Path(folder) / "rank0.pt", weights_only=False))
+    def spawn(self, runner: IRunner) -> None:
+        """Run ``runner.run()`` in spawned workers (``ddprun.engines.spawn``); rank 0's model
+        and final metrics come back into `runner`."""
+        run_spawned(runner, self.spawn_world_size, self.address, self.port)
 
     def setup(self) -> None:
         """Join the process group described by the environment (one per run)."""
@@ -340,97 +314,3 @@ def _wait_for_ranks(store: Any, world_size: int, seconds: float) -> list[int]:
         if not missing or time.monotonic() > deadline:
             return missing
         time.sleep(0.1)
-
-
-# ------------------------------------------------------------------ spawn mode
-def _refuse_nested_spawn() -> None:
-    import multiprocessing
-
-    if multiprocessing.parent_process() is not None:
-        raise RuntimeError(
-            "ddprun: a DDP run was started while a spawned worker imported your script. "
-            'Guard the entry point with `if __name__ == "__main__":` so that workers '
-            "import the script without running it."
-        )
-
-
-def _spawned_worker(
-    local_rank: int, payload: bytes, world_size: int, address: str, port: int, folder: str
-) -> None:
-    """Entry of each spawned worker: the launcher environment, then the whole experiment.
-
-    The worker exits like a Python program (``ddprun.process_exit``): the user's `atexit`
-    handlers run and open files are flushed, on failure too, and the process group is torn
-    down without racing gloo's threads; a failure is written to ``rank<N>.error`` in `folder`
-    for the parent to report once.
-    """
-    from ddprun import process_exit
-
-    os.environ.update(
-        {
-            "RANK": str(local_rank),
-            "LOCAL_RANK": str(local_rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": address,
-            "MASTER_PORT": str(port),
-        }
-    )
-    distributed.set_parent_death_signal()
-    process_exit.arm()
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    status = 0
-    try:
-        runner = pickle.loads(payload)
-        runner.run()
-        if local_rank == 0:
-            torch.save(_rank0_result(runner), Path(folder) / "rank0.pt")
-    except SystemExit as stop:  # RunStopped (a stop signal, after saving): not a failure report
-        status = stop.code if isinstance(stop.code, int) else 1
-    except BaseException:
-        message = traceback.format_exc()
-        Path(folder, f"rank{local_rank}.error").write_text(message)
-        print(message, file=sys.stderr, flush=True)
-        status = 1
-    process_exit.leave(status)
-
-
-def _failure_summary(folder: Path, error: Exception) -> str:
-    """One message naming the first failing rank and its traceback (not N tracebacks)."""
-    reports = sorted(folder.glob("rank*.error"), key=lambda p: p.stat().st_mtime)
-    if not reports:
-        return f"DDP worker failed: {error}"
-    first = reports[0]
-    rank = first.stem.removeprefix("rank")
-    return f"DDP worker rank {rank} failed:\n{first.read_text().rstrip()}"
-
-
-def _rank0_result(runner: Any) -> dict[str, Any]:
-    # plain module states (no `module.`/`_orig_mod.` prefix): they load into the parent's
-    # model whether or not it is compiled
-    model = map_components(runner.model, unwrap_module)
-    states = map_components(model, lambda m: {k: v.cpu() for k, v in m.state_dict().items()})
-    keep = (
-        "global_epoch_step",
-        "global_batch_step",
-        "global_sample_step",
-        "stage_key",
-        "stage_epoch_step",
-        "epoch_metrics",
-        "loader_metrics",
-    )
-    return {"model": states, **{name: getattr(runner, name) for name in keep}}
-
-
-def _adopt_rank0_result(runner: Any, result: dict[str, Any]) -> None:
-    states = result.pop("model")
-    model = runner.model if runner.model is not None else runner.get_model(result["stage_key"])
-    if isinstance(model, Mapping):
-        for key, module in model.items():
-            unwrap_module(module).load_state_dict(states[key])
-    else:
-        unwrap_module(model).load_state_dict(states)
-    runner.model = model
-    for name, value in result.items():
-        setattr(runner, name, value)

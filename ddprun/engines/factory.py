@@ -1,4 +1,5 @@
-"""Which engine a run gets when it names none, and whether a named one fits the launch.
+"""Which engine a run gets when it names none, the one-process engine the core builds itself
+(inference in one process), and whether a named engine fits the launch.
 
 The engine follows the launch: a process started by a launcher (ddprun, torchrun, a SLURM
 script running either) with ``WORLD_SIZE > 1`` runs the DDP engine (its AMP variant with
@@ -11,9 +12,12 @@ train apart and overwrite each other's logdir.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ddprun import distributed
+
+if TYPE_CHECKING:
+    import torch
 
 
 class EngineMismatchError(RuntimeError):
@@ -45,6 +49,18 @@ def default_engine(amp: bool = False, ddp: bool = False) -> Any:
             return engines.DistributedDataParallelAMPEngine()
         return engines.DistributedDataParallelEngine()
     return engines.AMPEngine() if amp else engines.DeviceEngine()
+
+
+def single_process_engine(
+    device: str | torch.device | None = None, amp: bool = False, dtype: Any = None
+) -> Any:
+    """A one-process engine on `device` (default: CUDA when available): `AMPEngine` with
+    `amp` (`dtype` as it takes, None: the device's default), else `DeviceEngine`."""
+    from ddprun import engines
+
+    if amp:
+        return engines.AMPEngine(device, dtype=dtype)
+    return engines.DeviceEngine(device)
 
 
 def check_engine_fits_launch(engine: Any) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 
 def image_hwc(image: Any) -> np.ndarray:
@@ -59,7 +62,7 @@ def outcome(runner_ref: weakref.ref | None) -> str:
     return "failed"
 
 
-def runner_ref(runner: Any) -> weakref.ref | None:
+def runner_ref(runner: IRunner) -> weakref.ref | None:
     """A weak reference to `runner` (None when it cannot be referenced weakly)."""
     try:
         return weakref.ref(runner)

@@ -8,10 +8,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 __all__ = ["ILogger", "Scope", "format_value", "scalar_metrics", "to_float"]
 
@@ -26,7 +29,7 @@ class ILogger:
     ``loader_batch_step`` and ``loader_batch_len``.
     """
 
-    def log_metrics(self, metrics: Mapping[str, Any], scope: Scope, runner: Any) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], scope: Scope, runner: IRunner) -> None:
         """Logs metrics.
 
         Args:
@@ -37,10 +40,10 @@ class ILogger:
             runner: the runner, for its counters and keys.
         """
 
-    def log_image(self, tag: str, image: Any, scope: Scope, runner: Any) -> None:
+    def log_image(self, tag: str, image: Any, scope: Scope, runner: IRunner) -> None:
         """Logs an image (HxWxC uint8 numpy array or CxHxW tensor)."""
 
-    def log_hparams(self, hparams: Mapping[str, Any], runner: Any) -> None:
+    def log_hparams(self, hparams: Mapping[str, Any], runner: IRunner) -> None:
         """Logs the experiment's hyper-parameters."""
 
     def flush_log(self) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from typing_extensions import override
 
 from ddprun.loggers.base import ILogger, Scope, format_value, scalar_metrics
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 __all__ = ["ConsoleLogger"]
 
@@ -38,7 +41,7 @@ class ConsoleLogger(ILogger):
         self.per_class = per_class
 
     @override
-    def log_metrics(self, metrics: Mapping[str, Any], scope: Scope, runner: Any) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], scope: Scope, runner: IRunner) -> None:
         if scope == "loader":
             self._print(
                 f"{runner.loader_key} {self._epoch(runner)}"
@@ -48,12 +51,12 @@ class ConsoleLogger(ILogger):
             self._print(f"* Epoch {self._epoch(runner)}{_join(scalar_metrics(metrics['_epoch_']))}")
 
     @override
-    def log_hparams(self, hparams: Mapping[str, Any], runner: Any) -> None:
+    def log_hparams(self, hparams: Mapping[str, Any], runner: IRunner) -> None:
         if self.log_hparams_enabled:
             self._print("Hparams" + "".join(f" | {k}: {hparams[k]}" for k in sorted(hparams)))
 
     @staticmethod
-    def _epoch(runner: Any) -> str:
+    def _epoch(runner: IRunner) -> str:
         return f"({runner.stage_epoch_step}/{runner.stage_epoch_len}) [stage {runner.stage_key}]"
 
     @staticmethod

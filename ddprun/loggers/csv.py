@@ -16,12 +16,15 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from typing_extensions import override
 
 from ddprun.atomic import atomic_write
 from ddprun.loggers.base import ILogger, Scope, scalar_metrics
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 __all__ = ["CSVLogger"]
 
@@ -64,7 +67,7 @@ class CSVLogger(ILogger):
         self.logdir = Path(logdir) / "logs" if use_logdir_postfix else Path(logdir)
 
     @override
-    def log_metrics(self, metrics: Mapping[str, Any], scope: Scope, runner: Any) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], scope: Scope, runner: IRunner) -> None:
         if scope != "epoch":
             return
         step = int(runner.global_epoch_step)
@@ -74,7 +77,7 @@ class CSVLogger(ILogger):
                 self._append(self.logdir / f"{loader_key}.csv", step, row)
 
     @override
-    def log_hparams(self, hparams: Mapping[str, Any], runner: Any) -> None:
+    def log_hparams(self, hparams: Mapping[str, Any], runner: IRunner) -> None:
         self.logdir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(dict(hparams), indent=2, sort_keys=True, default=str)
         (self.logdir / "hparams.json").write_text(text + "\n")

@@ -11,13 +11,16 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from typing_extensions import override
 
 from ddprun._optional import import_optional
 from ddprun.loggers._external import flat_params, image_hwc, outcome, runner_ref
 from ddprun.loggers.base import ILogger, Scope, scalar_metrics
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 __all__ = ["MLflowLogger"]
 
@@ -87,7 +90,7 @@ class MLflowLogger(ILogger):
         self.run_id: str | None = None
         self._client: Any = None
         self._owns_run = False
-        self._runner: Any = None
+        self._runner: IRunner = None
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy sent to another process starts its own run there, lazily (rank 0 only)
@@ -101,7 +104,7 @@ class MLflowLogger(ILogger):
         active (on rank 0, during the experiment)."""
         return _mlflow()
 
-    def _start(self, runner: Any) -> None:
+    def _start(self, runner: IRunner | None) -> None:
         if runner is not None and self._runner is None:
             self._runner = runner_ref(runner)
         if self.run_id is not None:
@@ -130,7 +133,7 @@ class MLflowLogger(ILogger):
             self._client.log_batch(self.run_id, metrics=metrics[start : start + _MAX_BATCH])
 
     @override
-    def log_metrics(self, metrics: Mapping[str, Any], scope: Scope, runner: Any) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], scope: Scope, runner: IRunner) -> None:
         if scope == "batch" and self.log_batch_metrics:
             self._start(runner)
             loader = _name(runner.loader_key)
@@ -146,13 +149,13 @@ class MLflowLogger(ILogger):
             self._log(values, runner.global_epoch_step)
 
     @override
-    def log_image(self, tag: str, image: Any, scope: Scope, runner: Any) -> None:
+    def log_image(self, tag: str, image: Any, scope: Scope, runner: IRunner) -> None:
         self._start(runner)
         name = f"{tag}_scope_{scope}_epoch_{runner.global_epoch_step}.png"
         self._client.log_image(self.run_id, image_hwc(image), name)
 
     @override
-    def log_hparams(self, hparams: Mapping[str, Any], runner: Any) -> None:
+    def log_hparams(self, hparams: Mapping[str, Any], runner: IRunner) -> None:
         self._start(runner)
         from mlflow.entities import Param
         from mlflow.utils import validation

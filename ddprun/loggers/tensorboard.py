@@ -18,13 +18,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from typing_extensions import override
 
 from ddprun.loggers.base import ILogger, Scope, scalar_metrics
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 __all__ = ["TensorboardLogger"]
 
@@ -82,7 +85,7 @@ class TensorboardLogger(ILogger):
         return self._writers[key]
 
     @override
-    def log_metrics(self, metrics: Mapping[str, Any], scope: Scope, runner: Any) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], scope: Scope, runner: IRunner) -> None:
         if scope == "loader":
             self._add_scalars(
                 runner.loader_key, scalar_metrics(metrics), "", runner.global_epoch_step
@@ -100,7 +103,7 @@ class TensorboardLogger(ILogger):
             writer.add_scalar(f"{name}{suffix}", value, global_step=int(step))
 
     @override
-    def log_image(self, tag: str, image: Any, scope: Scope, runner: Any) -> None:
+    def log_image(self, tag: str, image: Any, scope: Scope, runner: IRunner) -> None:
         image, dataformats = _image_layout(image)
         key = runner.loader_key or _EPOCH_KEY
         step = int(runner.global_epoch_step)

@@ -11,13 +11,16 @@ experiment start. So a logger built in a script that every rank runs (``python -
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from typing_extensions import override
 
 from ddprun._optional import import_optional
 from ddprun.loggers._external import image_hwc, outcome, runner_ref
 from ddprun.loggers.base import ILogger, Scope, scalar_metrics
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 __all__ = ["WandbLogger"]
 
@@ -69,7 +72,7 @@ class WandbLogger(ILogger):
     def _reset(self) -> None:
         self.run: Any = None
         self._owns_run = False
-        self._runner: Any = None
+        self._runner: IRunner = None
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy sent to another process starts its own run there, lazily (rank 0 only)
@@ -82,7 +85,7 @@ class WandbLogger(ILogger):
         """The W&B run (None before the experiment starts and after it ends)."""
         return self.run
 
-    def _start(self, runner: Any) -> Any:
+    def _start(self, runner: IRunner | None) -> Any:
         if runner is not None and self._runner is None:
             self._runner = runner_ref(runner)
         if self.run is None:
@@ -103,7 +106,7 @@ class WandbLogger(ILogger):
             self.run.log(values, step=int(step))
 
     @override
-    def log_metrics(self, metrics: Mapping[str, Any], scope: Scope, runner: Any) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], scope: Scope, runner: IRunner) -> None:
         step = runner.global_sample_step
         if scope == "batch" and self.log_batch_metrics:
             self._start(runner)
@@ -116,13 +119,13 @@ class WandbLogger(ILogger):
             self._log(metrics[_EPOCH_KEY], "epoch", _EPOCH_KEY, step)
 
     @override
-    def log_image(self, tag: str, image: Any, scope: Scope, runner: Any) -> None:
+    def log_image(self, tag: str, image: Any, scope: Scope, runner: IRunner) -> None:
         run = self._start(runner)
         name = f"{tag}_scope_{scope}_epoch_{runner.global_epoch_step}.png"
         run.log({name: _wandb().Image(image_hwc(image))}, step=int(runner.global_sample_step))
 
     @override
-    def log_hparams(self, hparams: Mapping[str, Any], runner: Any) -> None:
+    def log_hparams(self, hparams: Mapping[str, Any], runner: IRunner) -> None:
         run = self._start(runner)
         if hparams:
             run.config.update(dict(hparams), allow_val_change=True)
