@@ -26,7 +26,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from torch import nn
 from ddprun import __version__
 from ddprun.checkpoint import restore_rng_state, rng_state
 from ddprun.metrics import AdditiveMetric, Metric
+
+if TYPE_CHECKING:
+    from ddprun.core.runner import IRunner
 
 COMPONENT_PARTS = ("model", "criterion", "optimizer", "scheduler")
 COUNTER_PARTS = ("global_epoch_step", "global_batch_step", "global_sample_step")
@@ -51,7 +54,7 @@ def _cpu_states(metric: Metric) -> dict[str, torch.Tensor]:
     return {name: t.detach().cpu().clone() for name, t in metric.get_states().items()}
 
 
-def capture(runner: Any) -> dict[str, Any]:
+def capture(runner: IRunner) -> dict[str, Any]:
     """The running loader's position, partial metrics (every rank's) and RNG states."""
     local = {
         "tracked": [_cpu_states(m) for m in runner.loader_sync.tracked],
@@ -71,7 +74,7 @@ def capture(runner: Any) -> dict[str, Any]:
     }
 
 
-def _averages_with_current_batch(runner: Any) -> dict[str, dict[str, torch.Tensor]]:
+def _averages_with_current_batch(runner: IRunner) -> dict[str, dict[str, torch.Tensor]]:
     # Called during batch_end, before the runner folds this batch's values into its averages:
     # fold them into copies, so the checkpoint covers every batch up to this one.
     states, averages = {}, runner.loader_sync.averages
@@ -95,7 +98,7 @@ def _merge(metric: Metric, saved: list[Mapping[str, torch.Tensor]]) -> dict[str,
     }
 
 
-def restore_metrics(runner: Any, position: Mapping[str, Any]) -> None:
+def restore_metrics(runner: IRunner, position: Mapping[str, Any]) -> None:
     """Put the saved partial metric states back (merged into rank 0)."""
     ranks = position["ranks"]
     merge_here = runner.engine.rank <= 0  # other ranks keep empty states
@@ -111,7 +114,7 @@ def restore_metrics(runner: Any, position: Mapping[str, Any]) -> None:
         average.replace_states(_merge(average, [r["averages"][key] for r in ranks]))
 
 
-def _modules(runner: Any) -> dict[str, nn.Module]:
+def _modules(runner: IRunner) -> dict[str, nn.Module]:
     """The model's and the criterion's modules: ``model``, ``model/<key>`` (a dict), ...
     (a criterion can hold trainable parameters)."""
     modules = {}
@@ -124,7 +127,7 @@ def _modules(runner: Any) -> dict[str, nn.Module]:
     return modules
 
 
-def _gradients(runner: Any) -> dict[str, dict[str, torch.Tensor]] | None:
+def _gradients(runner: IRunner) -> dict[str, dict[str, torch.Tensor]] | None:
     """This rank's gradients, ``{module (see _modules): {parameter name: CPU copy}}``; None
     when no parameter holds one (the usual case: saves right after an optimizer step)."""
     grads = {}
@@ -139,7 +142,7 @@ def _gradients(runner: Any) -> dict[str, dict[str, torch.Tensor]] | None:
     return grads or None
 
 
-def restore_gradients(runner: Any, position: Mapping[str, Any], source: str = "") -> None:
+def restore_gradients(runner: IRunner, position: Mapping[str, Any], source: str = "") -> None:
     """Put the gradients saved mid-accumulation back on the parameters (see the module
     docstring); parameters without a saved gradient get none. Checkpoints written before
     gradients were saved leave the parameters untouched."""
@@ -182,7 +185,7 @@ def _mean_gradients(saved: list[Any]) -> dict[str, dict[str, torch.Tensor]] | No
     return total or None
 
 
-def restore_rng(runner: Any, position: Mapping[str, Any]) -> None:
+def restore_rng(runner: IRunner, position: Mapping[str, Any]) -> None:
     """This rank's RNG states as saved (when the world size is unchanged)."""
     ranks = position["ranks"]
     rank = max(runner.engine.rank, 0)
@@ -209,7 +212,7 @@ def skip_consumed(loader: Any, position: Mapping[str, Any]) -> Iterator[Any]:
 
 
 # ------------------------------------------------------------- a run's checkpoint
-def pack(runner: Any, epoch_finished: bool, **extra: Any) -> dict[str, Any]:
+def pack(runner: IRunner, epoch_finished: bool, **extra: Any) -> dict[str, Any]:
     """The run's checkpoint: unwrapped component states and the scaler (through the engine),
     stage and counters, RNG, numeric epoch metrics and `extra` (e.g. a callback's bookkeeping).
 
@@ -244,7 +247,9 @@ def numeric_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[
     return {loader: {k: float(v) for k, v in values.items()} for loader, values in metrics.items()}
 
 
-def load_parts(runner: Any, checkpoint: Mapping[str, Any], parts: list[str], source: str) -> None:
+def load_parts(
+    runner: IRunner, checkpoint: Mapping[str, Any], parts: list[str], source: str
+) -> None:
     """Load the named `parts` (see `LOAD_PARTS`) of `checkpoint` into the runner: components
     through the engine (with the scaler), counters as saved."""
     components = {p: getattr(runner, p) for p in COMPONENT_PARTS if p in parts}
@@ -270,7 +275,7 @@ class Resume:
         self.position: dict[str, Any] | None = None
         self._looked = False
 
-    def at_stage_start(self, runner: Any) -> None:
+    def at_stage_start(self, runner: IRunner) -> None:
         """Skip or restore the stage that is starting (nothing in a fresh run)."""
         runner.resumed_checkpoint = None
         if not self._looked:
@@ -293,7 +298,7 @@ class Resume:
         self.checkpoint = None  # consumed
         self._restore(runner, state)
 
-    def _load(self, runner: Any) -> None:
+    def _load(self, runner: IRunner) -> None:
         path = None
         for callback in runner.callbacks.values():
             source = getattr(callback, "resume_source", None)
@@ -306,7 +311,7 @@ class Resume:
         if runner.engine.is_master:
             print(f"[ddprun] resuming from {path}", flush=True)
 
-    def _restore(self, runner: Any, state: Mapping[str, Any]) -> None:
+    def _restore(self, runner: IRunner, state: Mapping[str, Any]) -> None:
         parts = [p for p in LOAD_PARTS if p in COMPONENT_PARTS or p in state]
         load_parts(runner, state, parts, self.path)
         runner.stage_epoch_step = int(state.get("stage_epoch_step", 0))
@@ -320,7 +325,7 @@ class Resume:
             restore_gradients(runner, position, self.path)
         restore_rng_state(state.get("rng"))
 
-    def take_position(self, runner: Any) -> dict[str, Any] | None:
+    def take_position(self, runner: IRunner) -> dict[str, Any] | None:
         """At an epoch start: the mid-epoch position to continue from (once), with the epoch
         metrics of the loaders finished before it; None when this epoch starts fresh."""
         position, self.position = self.position, None
@@ -330,7 +335,7 @@ class Resume:
         return position
 
     @staticmethod
-    def continue_loader(runner: Any, loader: Any, position: Mapping[str, Any]) -> Iterator[Any]:
+    def continue_loader(runner: IRunner, loader: Any, position: Mapping[str, Any]) -> Iterator[Any]:
         """Batches of `loader` after the one a mid-epoch checkpoint was written at, with the
         loader's counters, partial metric states and RNG as saved."""
         batches = skip_consumed(loader, position)

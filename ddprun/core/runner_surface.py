@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ddprun import defaults
 from ddprun.core.callback import Callback
 from ddprun.core.runner_hooks import RunnerHooks
 from ddprun.engines.factory import default_engine
@@ -49,9 +50,7 @@ class RunnerSurface(RunnerHooks):
 
     def get_loggers(self) -> dict[str, Any]:
         """Loggers for the whole experiment (default: a console logger)."""
-        from ddprun.loggers import ConsoleLogger
-
-        return {"console": ConsoleLogger()}
+        return defaults.console_loggers()
 
     def get_loaders(self, stage: str) -> Mapping[str, Any]:
         """Loaders of `stage`, run in dict order."""

@@ -86,14 +86,7 @@ def _plugin_imports(path: Path) -> list[str]:
 
 
 def test_core_imports_plugins_only_through_defaults_and_the_factory() -> None:
-    # runner.py's get_loggers moves to ddprun.defaults with the runner's rewrite (issue 13)
-    pending = {"runner.py"}
-    offenders = [
-        hit
-        for path in sorted(CORE.glob("*.py"))
-        if path.name not in pending
-        for hit in _plugin_imports(path)
-    ]
+    offenders = [hit for path in sorted(CORE.glob("*.py")) for hit in _plugin_imports(path)]
     assert offenders == []
 
 
