@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_copy", "atomic_write", "atomic_write_bytes"]
+__all__ = ["atomic_copy", "atomic_write", "atomic_write_bytes", "remove_stale_temporaries"]
 
 
 def atomic_write(
@@ -54,6 +54,17 @@ def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
                 os.fsync(handle.fileno())
 
     return _replace_atomically(path, fill)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed process left in `folder` (``.<name>.*.tmp``: a
+    write that never reached its rename); returns them. Call it only while nobody writes
+    there (e.g. on rank 0 before a resumed run saves anything)."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _replace_atomically(path: str | os.PathLike, fill: Callable[[str], None]) -> Path:

@@ -1,6 +1,8 @@
 """Checkpoint I/O: pack and unpack component states, atomic save, verified load.
 
 Plain I/O only. Who writes (rank 0) and who waits (the barrier) is the engine's decision.
+Every file written here carries its manifest (size and checksum, see
+`ddprun.checkpoint_manifest`), computed while torch writes it.
 Checkpoints hold Python and NumPy RNG states besides tensors, so loading uses
 ``torch.load(weights_only=False)``: load only files you trust.
 """
@@ -20,13 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ddprun.atomic import atomic_write, atomic_write_bytes
+from ddprun.atomic import atomic_copy, atomic_write, atomic_write_bytes
+from ddprun.checkpoint_manifest import write_sealed
 
 __all__ = [
     "CheckpointError",
     "pack_checkpoint",
     "unpack_checkpoint",
     "save_checkpoint",
+    "save_targets",
     "save_json",
     "rng_state",
     "restore_rng_state",
@@ -135,9 +139,19 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     """Write `obj` to `path` atomically: temp file in the same folder, fsync, rename.
 
     A crash at any point leaves either the old file or the new one, never a truncated one,
-    and the temporary file is removed when the write fails.
+    and the temporary file is removed when the write fails. The file carries its manifest
+    (checksummed while written; `ddprun.checkpoint_manifest.verify` checks it).
     """
-    return atomic_write(path, lambda handle: torch.save(obj, handle))
+    return atomic_write(path, lambda handle: write_sealed(handle, lambda s: torch.save(obj, s)))
+
+
+def save_targets(obj: Any, paths: list[str | os.PathLike]) -> Path:
+    """Serialise `obj` once to ``paths[0]`` (`save_checkpoint`); the other paths become hard
+    links of it (or copies), each atomically, so every name carries the same manifest."""
+    first = save_checkpoint(obj, paths[0])
+    for target in paths[1:]:
+        atomic_copy(first, target)
+    return first
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> Path:

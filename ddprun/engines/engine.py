@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ddprun import checkpoint as ckpt_io
-from ddprun.atomic import atomic_copy
+from ddprun.checkpoint_async import AsyncCheckpointWriter
+from ddprun.checkpoint_manifest import newest_intact
 from ddprun.data.sharding import seeded_shuffle
 from ddprun.engines.compiled import split_compiled, strip_parallel
 from ddprun.engines.precision import Precision
@@ -40,6 +42,8 @@ class IEngine:
     local_rank: int = -1
     world_size: int = 1
     is_ddp: bool = False
+    _checkpoint_writer: AsyncCheckpointWriter | None = None  # created on first use
+    _checkpoint_pending: bool = False  # an async save not waited for (set on every rank)
 
     def __init__(
         self, device: str | torch.device | None = None, precision: Precision | None = None
@@ -236,16 +240,87 @@ class IEngine:
         if checkpoint.get("scaler_state_dict") is not None:
             self.load_state_dict({"scaler": checkpoint["scaler_state_dict"]})
 
-    def save_checkpoint(self, obj: Any, path: str | Path | Sequence[str | Path]) -> None:
+    def save_checkpoint(
+        self,
+        obj: Any,
+        path: str | Path | Sequence[str | Path],
+        async_: bool = False,
+        on_written: Callable[[], Any] | None = None,
+    ) -> Future | None:
         """Write `obj` atomically on the master only, serialised once: further paths (best,
-        an epoch file) become hard links of the first (or copies); then every rank passes
-        `checkpoint_barrier`."""
+        an epoch file) become hard links of the first (or copies), every one carrying the
+        checksummed manifest; `on_written` then runs on the master (bookkeeping files).
+
+        Synchronous: every rank then passes `checkpoint_barrier`. With `async_`, the master
+        copies `obj` to CPU memory and returns while a background thread writes it; nobody
+        waits here. The write is waited for (and every rank passes the barrier) by
+        `wait_for_checkpoint`, which the next save and `load_checkpoint` call first, and the
+        caller calls at the end of the run. Collective: every rank calls it.
+
+        Returns:
+            the background write's future on the master with `async_` (``done()`` tells
+            whether it finished; `wait_for_checkpoint` is still the way to finish it), else None.
+        """
+        self.wait_for_checkpoint()
         paths = [path] if isinstance(path, (str, Path)) else list(path)
+        if not async_:
+            if self.is_master and paths:
+                ckpt_io.save_targets(obj, paths)
+                if on_written is not None:
+                    on_written()
+            self.checkpoint_barrier()
+            return None
+        future = None
         if self.is_master and paths:
-            first = ckpt_io.save_checkpoint(obj, paths[0])
-            for target in paths[1:]:
-                atomic_copy(first, target)
-        self.checkpoint_barrier()
+            future = self.checkpoint_writer.save(obj, paths, on_written)
+        self._checkpoint_pending = True  # on every rank: all of them pass the barrier later
+        return future
+
+    @property
+    def checkpoint_writer(self) -> AsyncCheckpointWriter:
+        """This process's background checkpoint writer (a sharded engine hands it the futures
+        of its own asynchronous writes, see `AsyncCheckpointWriter.track`, and sets
+        ``_checkpoint_pending``)."""
+        if self._checkpoint_writer is None:
+            self._checkpoint_writer = AsyncCheckpointWriter()
+        return self._checkpoint_writer
+
+    @property
+    def checkpoint_pending(self) -> bool:
+        """Whether an asynchronous save was started and not waited for."""
+        return self._checkpoint_pending
+
+    def wait_for_checkpoint(self, collective: bool = True) -> None:
+        """Finish the pending asynchronous save, if any: the writer's error is raised here (on
+        the master, before the barrier, as a synchronous save raises); then every rank passes
+        `checkpoint_barrier`, so no rank reads a file before it is complete, and a
+        `finalize` given to `AsyncCheckpointWriter.track` runs (after the barrier).
+
+        Args:
+            collective: False on failure paths (an exception, ranks maybe gone): this process
+                only joins its own write, no barrier and no `finalize`, so the checkpoint is
+                either complete or (folders) left without a manifest, hence never trusted.
+        """
+        if not self.checkpoint_pending:
+            return
+        self._checkpoint_pending = False
+        finalize = self.checkpoint_writer.wait()
+        if collective:
+            self.checkpoint_barrier()
+            if finalize is not None:
+                finalize()
+
+    def choose_checkpoint(
+        self, candidates: Sequence[str | Path], require_manifest: bool = False
+    ) -> tuple[Path | None, list[str]]:
+        """The newest intact checkpoint of `candidates` and what was skipped as damaged
+        (`ddprun.checkpoint_manifest.newest_intact`), decided on the master (which reads
+        every byte once) and the same on every rank. Collective."""
+        chosen, skipped = (None, [])
+        if self.is_master:
+            chosen, skipped = newest_intact(candidates, require_manifest=require_manifest)
+        chosen, skipped = self.broadcast_object((chosen, skipped))
+        return (Path(chosen) if chosen is not None else None), list(skipped)
 
     def checkpoint_barrier(self) -> None:
         """Wait for the master's checkpoint write (DDP: on a group with its own, longer
@@ -253,5 +328,7 @@ class IEngine:
         self.barrier()
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
-        """Read a checkpoint (every rank reads the same file)."""
+        """Read a checkpoint (every rank reads the same file), after the pending asynchronous
+        save (`wait_for_checkpoint`: collective while a save is pending)."""
+        self.wait_for_checkpoint()
         return ckpt_io.load_checkpoint(path)
