@@ -10,6 +10,7 @@ run resumes from one is `ddprun.core.resume` (the runner restores it); file I/O 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -71,6 +72,11 @@ class CheckpointCallback(Callback):
             inside a gradient-accumulation window, every rank's accumulated gradients (so a
             resume is bit-exact for any N and ``accumulation_steps``; see ddprun.core.resume).
             A stop signal (SIGTERM, SIGUSR1) writes it too, after the current batch.
+        async_save: write checkpoints in the background (`IEngine.save_checkpoint` with
+            ``async_``): the state is copied to CPU memory and training goes on while it is
+            written. The next save, a stage load, the end of the run and a resume wait for it;
+            a crash during the write leaves the previous checkpoint intact. Saves on a stop
+            signal stay synchronous (the process is about to exit).
     """
 
     def __init__(
@@ -85,6 +91,7 @@ class CheckpointCallback(Callback):
         load_on_stage_end: str | Mapping[str, str] | None = None,
         resume: str | Path | None = None,
         save_every_n_batches: int | None = None,
+        async_save: bool = False,
     ) -> None:
         super().__init__(order=CallbackOrder.External)
         if (loader_key is None) != (metric_key is None):
@@ -99,6 +106,7 @@ class CheckpointCallback(Callback):
         self.load_on_stage_end = parse_load_spec(load_on_stage_end, "load_on_stage_end")
         self.resume = str(resume) if resume is not None else None
         self.save_every_n_batches = save_every_n_batches
+        self.async_save = bool(async_save)
         self.records: list[dict[str, Any]] = []  # kept epoch files, every stage
         self.best: dict[str, Any] | None = None
         self.last: dict[str, Any] | None = None
@@ -119,10 +127,11 @@ class CheckpointCallback(Callback):
         return Path(source)
 
     # --------------------------------------------------------------- events
-    def resume_source(self) -> Path | None:
-        """The checkpoint the run resumes from, or None (read by the runner at its start)."""
+    def resume_source(self) -> Path | list[Path] | None:
+        """What the run resumes from (read by the runner at its start): a named checkpoint,
+        the folder's checkpoints to take the newest intact one of ("auto"), or None."""
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-        return resume.resume_file(self.resume, self.folder, restarted)
+        return resume.resume_source(self.resume, self.folder, restarted)
 
     def on_stage_start(self, runner: IRunner) -> None:
         if runner.resumed_checkpoint is not None:
@@ -140,7 +149,8 @@ class CheckpointCallback(Callback):
         if runner.stop_signal is not None or (n and runner.loader_batch_step % n == 0):
             # mid-epoch: with the position of every rank (a collective: every rank is here)
             state = self._pack(runner, epoch_finished=False)
-            runner.engine.save_checkpoint(state, self.folder / "last.pth")
+            background = self.async_save and runner.stop_signal is None
+            runner.engine.save_checkpoint(state, self.folder / "last.pth", async_=background)
 
     def on_epoch_end(self, runner: IRunner) -> None:
         if self.folder is None or runner.stage_key.startswith("infer"):
@@ -162,11 +172,24 @@ class CheckpointCallback(Callback):
         targets = [self.folder / "last.pth"]
         targets += [self.folder / "best.pth"] if is_best else []
         targets += [self.folder / record["file"]] if keep else []
-        runner.engine.save_checkpoint(self._pack(runner, epoch_finished=True), targets)
-        if runner.engine.is_master:
+        bookkeeping = copy.deepcopy(self._bookkeeping())  # as of this save (async: later)
+
+        def written() -> None:  # on the master, once the files are in place
             for old in dropped:
                 (self.folder / old["file"]).unlink(missing_ok=True)
-            io.save_json(self._bookkeeping(), self.folder / "_metrics.json")
+            io.save_json(bookkeeping, self.folder / "_metrics.json")
+
+        state = self._pack(runner, epoch_finished=True)
+        runner.engine.save_checkpoint(state, targets, async_=self.async_save, on_written=written)
+
+    def on_experiment_end(self, runner: IRunner) -> None:
+        runner.engine.wait_for_checkpoint()  # collective: every rank, before the teardown
+
+    def on_exception(self, runner: IRunner) -> None:
+        try:  # keep what was written in the background; never hide the run's own error
+            runner.engine.wait_for_checkpoint(collective=False)
+        except Exception as error:  # noqa: BLE001
+            print(f"[ddprun] the background checkpoint write failed too: {error}", flush=True)
 
     def on_stage_end(self, runner: IRunner) -> None:
         self._load(runner, self.load_on_stage_end, "load_on_stage_end")
@@ -239,6 +262,7 @@ class CheckpointCallback(Callback):
                     f"[ddprun] {name}: nothing to load at the start of a fresh run; skipped",
                     flush=True,
                 )
+        runner.engine.wait_for_checkpoint()  # best.pth may still be in flight
         for source, parts in by_source.items():
             path = self._path(source)
             if not path.is_file():

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from ddprun import __version__
-from ddprun.checkpoint import restore_rng_state, rng_state
+from ddprun.checkpoint import CheckpointError, restore_rng_state, rng_state
+from ddprun.checkpoint_manifest import checkpoint_candidates
 from ddprun.metrics import AdditiveMetric, Metric
 
 if TYPE_CHECKING:
@@ -265,7 +266,9 @@ class Resume:
     At every stage start (`at_stage_start`, after the stage's components and callbacks are
     built, before its callbacks run): the first call finds and loads the checkpoint; stages
     finished before it was written are skipped (their epoch count is full), the saved stage is
-    restored. While stages are skipped or restored, ``runner.resumed_checkpoint`` holds the
+    restored. A run resuming "auto" takes the newest intact checkpoint of its folder (verified
+    against its manifest): a damaged ``last.pth`` costs one warning, not the job. While stages
+    are skipped or restored, ``runner.resumed_checkpoint`` holds the
     checkpoint, so callbacks take their own bookkeeping from it and load nothing else.
     """
 
@@ -299,16 +302,18 @@ class Resume:
         self._restore(runner, state)
 
     def _load(self, runner: IRunner) -> None:
-        path = None
+        source = None
         for callback in runner.callbacks.values():
-            source = getattr(callback, "resume_source", None)
-            path = source() if callable(source) else None
-            if path is not None:
+            named = getattr(callback, "resume_source", None)
+            source = named() if callable(named) else None
+            if source is not None:
                 break
-        if path is None:
+        if source is None:
             return
-        self.checkpoint, self.path = runner.engine.load_checkpoint(path), str(path)
-        if runner.engine.is_master:
+        engine = runner.engine
+        path = source if isinstance(source, Path) else _newest_intact(engine, source)
+        self.checkpoint, self.path = engine.load_checkpoint(path), str(path)
+        if engine.is_master:
             print(f"[ddprun] resuming from {path}", flush=True)
 
     def _restore(self, runner: IRunner, state: Mapping[str, Any]) -> None:
@@ -346,19 +351,39 @@ class Resume:
         return batches
 
 
-def resume_file(source: str | Path | None, folder: Path | None, restarted: bool) -> Path | None:
-    """The checkpoint a run resumes from: `source` as given, ``"auto"`` (or a launcher's
-    restart with no source): ``<folder>/last.pth`` when it exists; None to start fresh."""
+def resume_source(
+    source: str | Path | None, folder: Path | None, restarted: bool
+) -> Path | list[Path] | None:
+    """Where a run resumes from: a named checkpoint (`source` as given: no fallback), or for
+    ``"auto"`` (and a launcher's restart with no source) the checkpoints in `folder`, newest
+    first, when ``last.pth`` exists there (`Resume` takes the newest intact one); None to
+    start fresh."""
     if source is None and restarted and folder is not None:
         source = "auto"
     if source is None:
         return None
-    if source == "auto":
-        if folder is None:
-            raise ValueError("resume='auto' needs a logdir to find last.pth in")
-        path = folder / "last.pth"
-        return path if path.is_file() else None
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"resume: checkpoint {path} does not exist")
-    return path
+    if source != "auto":
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"resume: checkpoint {path} does not exist")
+        return path
+    if folder is None:
+        raise ValueError("resume='auto' needs a logdir to find last.pth in")
+    if not (folder / "last.pth").exists():
+        return None
+    return checkpoint_candidates(folder)
+
+
+def _newest_intact(engine: Any, candidates: list[Path]) -> Path:
+    """The newest intact checkpoint of `candidates` (verified on the master, the same on every
+    rank); one warning names what was damaged and skipped."""
+    chosen, skipped = engine.choose_checkpoint(candidates)
+    if chosen is None:
+        raise CheckpointError("resume: no intact checkpoint to resume from: " + "; ".join(skipped))
+    if skipped and engine.is_master:
+        warnings.warn(
+            f"resume: skipped damaged checkpoint(s): {'; '.join(skipped)}; resuming from "
+            f"the newest intact one, {chosen}",
+            stacklevel=3,
+        )
+    return chosen

@@ -155,21 +155,43 @@ def test_restart_after_one_rank_already_finished(tmp_path: Path, reference: Path
 
 
 # ----------------------------------------------------------- 6. truncated last.pth
-@pytest.mark.timeout(60)
-def test_truncated_last_pth_on_resume_is_a_clear_error_naming_the_file(
-    tmp_path: Path, reference: Path
-):
+def _truncate_last(tmp_path: Path, reference: Path) -> tuple[Path, Path, bytes]:
     logdir = tmp_path / "run"
     shutil.copytree(reference / "checkpoints", logdir / "checkpoints")
     last = logdir / "checkpoints" / "last.pth"
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 2])
-    status, output = run_to_end(tmp_path, "--logdir", logdir, "--resume", "auto")
+    return logdir, last, data
+
+
+@pytest.mark.timeout(60)
+def test_truncated_named_checkpoint_on_resume_is_a_clear_error_naming_the_file(
+    tmp_path: Path, reference: Path
+):
+    # a checkpoint the user names is read or refused: no fallback to another file
+    logdir, last, data = _truncate_last(tmp_path, reference)
+    status, output = run_to_end(tmp_path, "--logdir", logdir, "--resume", last)
     assert status != 0
     errors = [line for line in output.splitlines() if "CheckpointError: cannot read" in line]
     assert errors and str(last) in errors[-1] and "truncated" in errors[-1], output
     assert last.read_bytes() == data[: len(data) // 2]  # left as it was for inspection
     load_checkpoint(logdir / "checkpoints" / "best.pth")  # the other files are intact
+
+
+@pytest.mark.timeout(90)
+def test_truncated_last_pth_on_auto_resume_falls_back_to_the_newest_intact_checkpoint(
+    tmp_path: Path, reference: Path
+):
+    # issue 14: "auto" resumes from the newest intact checkpoint with one warning naming the
+    # damage, instead of failing the job (this replaced the error the test above keeps for
+    # a named file)
+    logdir, last, _ = _truncate_last(tmp_path, reference)
+    status, output = run_to_end(tmp_path, "--logdir", logdir, "--resume", "auto")
+    assert status == 0, output
+    warned = [line for line in output.splitlines() if "skipped damaged checkpoint" in line]
+    assert len(warned) == 1 and "last.pth" in warned[0] and "truncated" in warned[0], output
+    resumed = [line for line in output.splitlines() if "[ddprun] resuming from" in line]
+    assert resumed and not resumed[0].rstrip().endswith("last.pth"), output
 
 
 # ---------------------------------------------------- 7. hung rank, collective timeout
