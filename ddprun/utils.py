@@ -82,15 +82,21 @@ def any2device(value: Any, device: str | torch.device) -> Any:
     """Move tensors (and modules, numpy arrays) inside dicts, lists and tuples to `device`.
 
     Tuples stay tuples (named tuples keep their type); non-tensor leaves are returned as is.
+    A tensor already on `device` is returned as it is, without a ``.to`` call (the common
+    case of a CPU batch on a CPU run: this runs once per batch).
     """
+    return _to_device(value, torch.device(device))
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
+        return value if value.device == device else value.to(device, non_blocking=True)
     if isinstance(value, Mapping):
-        return {k: any2device(v, device) for k, v in value.items()}
+        return {k: _to_device(v, device) for k, v in value.items()}
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(any2device(v, device) for v in value))
+        return type(value)(*(_to_device(v, device) for v in value))
     if isinstance(value, (list, tuple)):
-        return type(value)(any2device(v, device) for v in value)
+        return type(value)([_to_device(v, device) for v in value])
     if isinstance(value, np.ndarray) and value.dtype != object:
         return torch.from_numpy(value).to(device)
     if isinstance(value, nn.Module):

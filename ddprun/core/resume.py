@@ -1,24 +1,13 @@
-"""Resume: what a checkpoint holds of a run, and how a run is restored from one, in one place.
+"""Resume: what a checkpoint holds of a run, and how the runner is restored from one.
 
 `pack` builds a run's checkpoint (components through the engine, counters, RNG, metrics and,
-mid-epoch, the loader position); `load_parts` restores chosen parts (stage loads). `Resume` is
-the runner's restore at experiment start: it finds the checkpoint (a callback names it through
-``resume_source()``: CheckpointCallback's ``resume``), skips the stages finished before it was
-written, restores the saved stage (components, scaler, counters, RNG, accumulated gradients),
-and continues a mid-epoch checkpoint's loader at the next batch with the partial metric states.
-
-Mid-epoch position: `capture` runs on every rank (it gathers each rank's partial metric states,
-RNG state and accumulated gradients in one collective); restoring puts them back, whatever the
-new world size: partial metric states are all "sum"-like, so rank 0 takes the states of every
-saved rank merged and the other ranks start empty, which gives the same loader metrics.
-
-Gradients: a save inside a gradient-accumulation window (OptimizerCallback with
-``accumulation_steps`` > 1) finds the window's gradients on the parameters; under DDP they are
-rank-local (accumulated under ``no_sync``, all-reduced only on the step batch). Each rank's are
-saved and, on the same world size, each rank gets its own back, so the resumed run is bit-exact.
-On another world size every rank gets their mean instead (with one warning): DDP's step
-averages over ranks, so the saved batches still add the same amount to the window's step, but
-the run is not bit-identical to an uninterrupted one.
+mid-epoch, the loader position: `ddprun.core.resume_position`); `load_parts` restores chosen
+parts (stage loads). `Resume` is the runner's restore at experiment start: it finds the
+checkpoint (a callback names it through ``resume_source()``: CheckpointCallback's ``resume``;
+"auto" takes the newest intact one, verified against its manifest), skips the stages finished
+before it was written, restores the saved stage (components, scaler, counters, RNG, accumulated
+gradients), and continues a mid-epoch checkpoint's loader at the next batch with the partial
+metric states; on another world size, where that position cannot carry over, at the next epoch.
 """
 
 from __future__ import annotations
@@ -28,13 +17,18 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
 from ddprun import __version__
+from ddprun.atomic import remove_stale_temporaries
 from ddprun.checkpoint import CheckpointError, restore_rng_state, rng_state
 from ddprun.checkpoint_manifest import checkpoint_candidates
-from ddprun.metrics import AdditiveMetric, Metric
+from ddprun.core.resume_position import (
+    capture,
+    position_on_this_world,
+    restore_gradients,
+    restore_metrics,
+    restore_rng,
+    skip_consumed,
+)
 
 if TYPE_CHECKING:
     from ddprun.core.runner import IRunner
@@ -43,176 +37,7 @@ COMPONENT_PARTS = ("model", "criterion", "optimizer", "scheduler")
 COUNTER_PARTS = ("global_epoch_step", "global_batch_step", "global_sample_step")
 LOAD_PARTS = COMPONENT_PARTS + COUNTER_PARTS
 
-_MERGE = {
-    "sum": lambda ts: torch.stack(ts).sum(dim=0),
-    "max": lambda ts: torch.stack(ts).amax(dim=0),
-    "min": lambda ts: torch.stack(ts).amin(dim=0),
-    "cat": lambda ts: torch.cat(ts),
-}
 
-
-def _cpu_states(metric: Metric) -> dict[str, torch.Tensor]:
-    return {name: t.detach().cpu().clone() for name, t in metric.get_states().items()}
-
-
-def capture(runner: IRunner) -> dict[str, Any]:
-    """The running loader's position, partial metrics (every rank's) and RNG states."""
-    local = {
-        "tracked": [_cpu_states(m) for m in runner.loader_sync.tracked],
-        "averages": _averages_with_current_batch(runner),
-        "rng": rng_state(),
-        "grads": _gradients(runner),
-    }
-    batch_size = runner.loader_batch_size or runner.batch_size
-    return {
-        "global_epoch_step": runner.global_epoch_step,
-        "loader_key": runner.loader_key,
-        "loader_batch_step": runner.loader_batch_step,
-        "loader_sample_step": runner.loader_sample_step,
-        "start_index": runner.loader_batch_step * batch_size,  # this rank's consumed indices
-        "epoch_metrics": {k: dict(v) for k, v in runner.epoch_metrics.items()},
-        "ranks": runner.engine.all_gather_object(local),
-    }
-
-
-def _averages_with_current_batch(runner: IRunner) -> dict[str, dict[str, torch.Tensor]]:
-    # Called during batch_end, before the runner folds this batch's values into its averages:
-    # fold them into copies, so the checkpoint covers every batch up to this one.
-    states, averages = {}, runner.loader_sync.averages
-    for key, value in runner.batch_metrics.items():
-        average = AdditiveMetric(metric_key=key, with_std=False).to(runner.device)
-        if key in averages:  # copies: update() adds in place
-            live = averages[key].get_states()
-            average.replace_states({name: t.clone() for name, t in live.items()})
-        average.update(value, runner.batch_size)
-        states[key] = _cpu_states(average)
-    for key, average in averages.items():
-        states.setdefault(key, _cpu_states(average))
-    return states
-
-
-def _merge(metric: Metric, saved: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    device = metric.device
-    return {
-        name: _MERGE[kind]([s[name] for s in saved]).to(device)
-        for name, kind in metric.reductions.items()
-    }
-
-
-def restore_metrics(runner: IRunner, position: Mapping[str, Any]) -> None:
-    """Put the saved partial metric states back (merged into rank 0)."""
-    ranks = position["ranks"]
-    merge_here = runner.engine.rank <= 0  # other ranks keep empty states
-    averages = runner.loader_sync.averages
-    for key in ranks[0]["averages"]:  # every rank creates them: the sync packs the same list
-        # `_merge` reads only the declared states: older checkpoints' square sums are dropped
-        averages[key] = AdditiveMetric(metric_key=key, with_std=False).to(runner.device)
-    if not merge_here:
-        return
-    for index, metric in enumerate(runner.loader_sync.tracked):
-        metric.replace_states(_merge(metric, [r["tracked"][index] for r in ranks]))
-    for key, average in averages.items():
-        average.replace_states(_merge(average, [r["averages"][key] for r in ranks]))
-
-
-def _modules(runner: IRunner) -> dict[str, nn.Module]:
-    """The model's and the criterion's modules: ``model``, ``model/<key>`` (a dict), ...
-    (a criterion can hold trainable parameters)."""
-    modules = {}
-    for part in ("model", "criterion"):
-        component = runner.engine.unwrap(getattr(runner, part))
-        named = component if isinstance(component, Mapping) else {None: component}
-        for key, module in named.items():
-            if isinstance(module, nn.Module):
-                modules[part if key is None else f"{part}/{key}"] = module
-    return modules
-
-
-def _gradients(runner: IRunner) -> dict[str, dict[str, torch.Tensor]] | None:
-    """This rank's gradients, ``{module (see _modules): {parameter name: CPU copy}}``; None
-    when no parameter holds one (the usual case: saves right after an optimizer step)."""
-    grads = {}
-    for key, module in _modules(runner).items():
-        named = {
-            name: p.grad.detach().to("cpu", copy=True)
-            for name, p in module.named_parameters()
-            if p.grad is not None
-        }
-        if named:
-            grads[key] = named
-    return grads or None
-
-
-def restore_gradients(runner: IRunner, position: Mapping[str, Any], source: str = "") -> None:
-    """Put the gradients saved mid-accumulation back on the parameters (see the module
-    docstring); parameters without a saved gradient get none. Checkpoints written before
-    gradients were saved leave the parameters untouched."""
-    ranks = position["ranks"]
-    if any("grads" not in r for r in ranks):
-        return
-    saved = [r["grads"] for r in ranks]
-    engine = runner.engine
-    if len(ranks) == engine.world_size:
-        grads = saved[max(engine.rank, 0)]
-    else:
-        grads = _mean_gradients(saved)
-        if grads is not None and engine.is_master:
-            warnings.warn(
-                f"resume: {source or 'the checkpoint'} was saved inside a gradient-accumulation "
-                f"window by {len(ranks)} rank(s) and resumes on {engine.world_size}: their "
-                "rank-local accumulated gradients cannot carry over one to one, so every rank "
-                "starts from their mean (the window's step gets the same contribution from the "
-                "saved batches, but the run is not bit-identical to an uninterrupted one)",
-                stacklevel=2,
-            )
-    for key, module in _modules(runner).items():
-        named = (grads or {}).get(key, {})
-        for name, param in module.named_parameters():
-            value = named.get(name)
-            param.grad = None if value is None else value.to(param.device, param.dtype, copy=True)
-
-
-def _mean_gradients(saved: list[Any]) -> dict[str, dict[str, torch.Tensor]] | None:
-    """The mean over saved ranks (a rank without a gradient counts as zero), or None."""
-    total: dict[str, dict[str, torch.Tensor]] = {}
-    for grads in saved:
-        for key, named in (grads or {}).items():
-            for name, value in named.items():
-                slot = total.setdefault(key, {})
-                slot[name] = slot[name] + value if name in slot else value.clone()
-    for named in total.values():
-        for value in named.values():
-            value.div_(len(saved))
-    return total or None
-
-
-def restore_rng(runner: IRunner, position: Mapping[str, Any]) -> None:
-    """This rank's RNG states as saved (when the world size is unchanged)."""
-    ranks = position["ranks"]
-    rank = max(runner.engine.rank, 0)
-    if len(ranks) == runner.engine.world_size:
-        restore_rng_state(ranks[rank]["rng"])
-
-
-def skip_consumed(loader: Any, position: Mapping[str, Any]) -> Iterator[Any]:
-    """An iterator over `loader` that starts after the saved batch.
-
-    Resumable samplers (ddprun's distributed samplers) skip indices without loading them;
-    any other loader is fast-forwarded by drawing and dropping the consumed batches.
-    """
-    sampler = getattr(loader, "sampler", None)
-    skip = int(position["loader_batch_step"])
-    if hasattr(sampler, "load_state_dict") and hasattr(sampler, "state_dict"):
-        epoch = sampler.state_dict()["epoch"]
-        sampler.load_state_dict({"epoch": epoch, "start_index": int(position["start_index"])})
-        return iter(loader)
-    iterator = iter(loader)
-    for _ in range(skip):
-        next(iterator, None)
-    return iterator
-
-
-# ------------------------------------------------------------- a run's checkpoint
 def pack(runner: IRunner, epoch_finished: bool, **extra: Any) -> dict[str, Any]:
     """The run's checkpoint: unwrapped component states and the scaler (through the engine),
     stage and counters, RNG, numeric epoch metrics and `extra` (e.g. a callback's bookkeeping).
@@ -322,6 +147,8 @@ class Resume:
         runner.stage_epoch_step = int(state.get("stage_epoch_step", 0))
         position = state.get("loader_state")
         if not state.get("epoch_finished", True) and position is not None:
+            position = position_on_this_world(runner, position, self.path)
+        if position is not None:
             # rerun the saved epoch from the batch after the one the checkpoint was written at
             runner.stage_epoch_step -= 1
             runner.global_epoch_step -= 1
@@ -380,6 +207,8 @@ def _newest_intact(engine: Any, candidates: list[Path]) -> Path:
     chosen, skipped = engine.choose_checkpoint(candidates)
     if chosen is None:
         raise CheckpointError("resume: no intact checkpoint to resume from: " + "; ".join(skipped))
+    if engine.is_master:  # nobody writes yet: a killed write's temporary file can go
+        remove_stale_temporaries(chosen.parent)
     if skipped and engine.is_master:
         warnings.warn(
             f"resume: skipped damaged checkpoint(s): {'; '.join(skipped)}; resuming from "

@@ -56,6 +56,26 @@ def restarted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]
 
 
 # ----------------------------------------------------------------------- 1. killed rank
+@pytest.mark.timeout(150)
+def test_killed_rank_with_async_saves_resumes_bit_for_bit(tmp_path: Path, reference: Path):
+    # issue 14: saves written in the background; the kill may land while rank 0 still writes
+    # the newest one, so the restart resumes from the newest complete save (10, else 8)
+    logdir = tmp_path / "run"
+    status, output = run_to_end(
+        tmp_path, "--max-restarts", "1", "--",
+        "--logdir", logdir, "--save-every", "2", "--async-save", "--fault", "sigkill",
+        "--fault-rank", "1", "--fault-batch", str(KILL_AT), "--first-attempt-only",
+    )  # fmt: skip
+    assert status == 0, output
+    assert fault_time(logdir, rank=1) is not None
+    resumed_at = batches_of(logdir, 0, attempt=1)[0] - 1
+    assert resumed_at in (SAVED_AT, SAVED_AT - 2), batches_of(logdir, 0, attempt=1)
+    assert batches_of(logdir, 1, attempt=1)[0] - 1 == resumed_at
+    assert [row["step"] for row in csv_rows(logdir, "valid")] == [1, 2, 3]
+    assert not list((logdir / "checkpoints").glob(".*.tmp"))  # no write left half-done
+    assert_same_weights(reference, logdir)
+
+
 @pytest.mark.timeout(120)
 def test_killed_rank_restarts_from_the_last_saved_batch_bit_for_bit(reference, restarted):
     logdir, status, output = restarted

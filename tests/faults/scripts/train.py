@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=16)
     parser.add_argument("--save-every", type=int, default=0, help="save_every_n_batches (0: off)")
+    parser.add_argument("--async-save", action="store_true", help="CheckpointCallback(async_save)")
     parser.add_argument("--metric-key", default="loss", help="valid metric that selects best")
     parser.add_argument("--load-on-stage-start", default=None, help="a JSON load spec")
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> FaultRunner:
         load_on_stage_start=load_spec,
         resume=args.resume,
         save_every_n_batches=args.save_every or None,
+        async_save=args.async_save,
     )
     append_line(logdir / f"progress_rank{rank}.txt", f"attempt {attempt()}")
     train, valid = datasets()
