@@ -108,11 +108,11 @@ class CheckpointCallback(Callback):
             self.resume = str(resume)
 
     # ---------------------------------------------------------------- paths
-    def _path(self, source: str) -> Path:
+    def _path(self, source: str, engine: Any) -> Path:
         if source in ("best", "last"):
             if self.folder is None:
                 raise ValueError(f"CheckpointCallback: {source!r} needs a logdir")
-            return self.folder / f"{source}.pth"
+            return engine.checkpoint_path(self.folder, source)
         return Path(source)
 
     # --------------------------------------------------------------- events
@@ -130,7 +130,7 @@ class CheckpointCallback(Callback):
         if runner.stop_signal is not None or (n and runner.loader_batch_step % n == 0):
             state = self._pack(runner, epoch_finished=False)
             state["loader_state"] = resume.capture(runner)  # a collective: every rank is here
-            runner.engine.save_checkpoint(state, self.folder / "last.pth")
+            runner.engine.save_checkpoint(state, runner.engine.checkpoint_path(self.folder, "last"))
 
     def on_epoch_end(self, runner: Any) -> None:
         if self.folder is None or runner.stage_key.startswith("infer"):
@@ -141,7 +141,9 @@ class CheckpointCallback(Callback):
             "epoch": runner.stage_epoch_step,
             "global_epoch": runner.global_epoch_step,
             "score": score,
-            "file": f"{runner.stage_key}.{runner.stage_epoch_step}.pth",
+            "file": runner.engine.checkpoint_path(
+                self.folder, f"{runner.stage_key}.{runner.stage_epoch_step}"
+            ).name,
             "metrics": _numeric(runner.epoch_metrics),
         }
         keep, dropped = self._rank_stage(record)
@@ -149,13 +151,13 @@ class CheckpointCallback(Callback):
         if is_best:
             self.best = record
         self.last = record
-        targets = [self.folder / "last.pth"]
-        targets += [self.folder / "best.pth"] if is_best else []
+        targets = [runner.engine.checkpoint_path(self.folder, "last")]
+        targets += [runner.engine.checkpoint_path(self.folder, "best")] if is_best else []
         targets += [self.folder / record["file"]] if keep else []
         runner.engine.save_checkpoint(self._pack(runner, epoch_finished=True), targets)
         if runner.engine.is_master:
             for old in dropped:
-                (self.folder / old["file"]).unlink(missing_ok=True)
+                runner.engine.remove_checkpoint(self.folder / old["file"])
             io.save_json(self._bookkeeping(), self.folder / "_metrics.json")
 
     def on_stage_end(self, runner: Any) -> None:
@@ -249,8 +251,8 @@ class CheckpointCallback(Callback):
                     flush=True,
                 )
         for source, parts in by_source.items():
-            path = self._path(source)
-            if not path.is_file():
+            path = self._path(source, runner.engine)
+            if not path.exists():
                 raise FileNotFoundError(f"{name}: checkpoint {path} does not exist")
             self._load_parts(runner, runner.engine.load_checkpoint(path), parts, str(path))
 
@@ -279,9 +281,9 @@ class CheckpointCallback(Callback):
         plan: dict[str, Any] = {"state": None, "path": None}
         source = self._resume_source() if runner.global_epoch_step == 0 else None
         if source is not None:
-            path = self.folder / "last.pth" if source == "auto" else Path(source)
-            if source != "auto" or path.is_file():
-                if not path.is_file():
+            path = self._path("last", runner.engine) if source == "auto" else Path(source)
+            if source != "auto" or path.exists():
+                if not path.exists():
                     raise FileNotFoundError(f"resume: checkpoint {path} does not exist")
                 plan = {"state": runner.engine.load_checkpoint(path), "path": str(path)}
                 if runner.engine.is_master:
