@@ -133,6 +133,12 @@ class FullyShardedDataParallelEngine(DistributedDataParallelEngine):
         self._step_hook: Any = None
         self.precision = self._make_precision("cuda" if torch.cuda.is_available() else "cpu")
 
+    def __getstate__(self) -> dict[str, Any]:
+        # spawn mode pickles the engine: what it tracks belongs to this process only
+        state = dict(self.__dict__)
+        state.update(_params=fsdp_modules.ParameterMap(), _roots=[], _mesh=None, _step_hook=None)
+        return state
+
     # ----------------------------------------------------------------- process
     def spawn(self, runner: Any) -> None:
         """As the DDP engine's spawn mode; the parent adopts rank 0's gathered weights."""

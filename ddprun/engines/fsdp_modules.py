@@ -85,6 +85,12 @@ class ParameterMap:
         self._generation = 0
         self._bound: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # a copy in another process starts empty: ids mean nothing there
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+
     def before(self, root: nn.Module) -> dict[str, nn.Parameter]:
         """Call before sharding `root`: its parameters by name."""
         return dict(root.named_parameters())
