@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -17,24 +18,41 @@ TRAIN = SCRIPTS / "train.py"
 
 
 def run(argv: list[str | Path], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """Run `argv` in its own session with stdout/stderr in files; on return (or timeout) kill
-    the process group and every ddprun worker whose command line mentions `cwd`."""
-    cwd.mkdir(parents=True, exist_ok=True)
+    """Run `argv` (see `run_all`)."""
+    return run_all([(argv, cwd)], timeout)[0]
+
+
+def run_all(
+    commands: list[tuple[list[str | Path], Path]], timeout: float
+) -> list[subprocess.CompletedProcess]:
+    """Run each ``(argv, cwd)`` at the same time, each in its own session with stdout/stderr in
+    files in its `cwd`; after they end (or `timeout` seconds) kill every process group and every
+    ddprun worker whose command line mentions a `cwd`. Output: stdout + stderr."""
     env = clean_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    with open(cwd / "out.txt", "w") as out, open(cwd / "err.txt", "w") as err:
-        process = subprocess.Popen(
-            [str(a) for a in argv], cwd=cwd, env=env, stdout=out, stderr=err,
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
+    started = []
+    for argv, cwd in commands:
+        cwd.mkdir(parents=True, exist_ok=True)
+        with open(cwd / "out.txt", "w") as out, open(cwd / "err.txt", "w") as err:
+            process = subprocess.Popen(
+                [str(a) for a in argv], cwd=cwd, env=env, stdout=out, stderr=err,
+                start_new_session=True,
+            )  # fmt: skip
+        started.append(process)
+    deadline = time.monotonic() + timeout
+    try:
+        for process in started:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        for process, (_, cwd) in zip(started, commands):
             kill_everything(process, str(cwd))
-    output = (cwd / "out.txt").read_text() + (cwd / "err.txt").read_text()
-    assert process.returncode is not None
-    return subprocess.CompletedProcess(argv, process.returncode, output, "")
+    results = []
+    for process, (argv, cwd) in zip(started, commands):
+        output = (cwd / "out.txt").read_text() + (cwd / "err.txt").read_text()
+        results.append(subprocess.CompletedProcess(argv, process.returncode, output, ""))
+    return results
 
 
 def ddprun(nproc: int, script: Path, *args: str | Path, launcher: list[str] = ()) -> list:

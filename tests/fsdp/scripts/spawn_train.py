@@ -36,7 +36,10 @@ def main(logdir: Path) -> None:
         loaders={"train": DataLoader(train, batch_size=16), "valid": DataLoader(valid, 16)},
         criterion=nn.CrossEntropyLoss(),
         optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
-        callbacks=[dl.CriterionCallback(input_key="logits", target_key="targets")],
+        callbacks=[
+            dl.CriterionCallback(input_key="logits", target_key="targets"),
+            dl.OptimizerCallback(metric_key="loss"),
+        ],
         logdir=logdir,
         num_epochs=2,
         fsdp=True,
