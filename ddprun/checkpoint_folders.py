@@ -30,6 +30,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from ddprun.checkpoint import CheckpointError, save_checkpoint
 
 __all__ = [
     "STATE_FILE",
+    "ShardedEntry",
     "consolidate",
     "convert",
     "is_sharded_folder",
@@ -54,6 +56,15 @@ __all__ = [
 STATE_FILE = "ddprun_state.pt"
 #: key, in ddprun_state.pt, of the list of entries stored in DCP
 SHARDED_KEYS = "_sharded_entries"
+
+
+@dataclass(frozen=True)
+class ShardedEntry:
+    """Stands for the sharded entry `key` of the folder `folder` in a checkpoint dict that the
+    FSDP engine read (its `unpack_checkpoint` loads it into the live, sharded components)."""
+
+    folder: Path
+    key: str
 
 
 def is_sharded_folder(path: str | os.PathLike) -> bool:

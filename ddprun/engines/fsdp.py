@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,34 +25,7 @@ from ddprun.engines import fsdp_modules
 from ddprun.engines.ddp import DistributedDataParallelEngine
 from ddprun.engines.device import parse_dtype
 from ddprun.engines.engine import map_components
-from ddprun.engines.precision import MixedPrecision, Precision
-
-_NO_AUTOCAST = contextlib.nullcontext()
-
-
-class ShardedMixedPrecision(MixedPrecision):
-    """FSDP's mixed precision: parameters are cast to `dtype` per module by FSDP itself (its
-    ``MixedPrecisionPolicy``), so there is no autocast; fp16 adds torch's ShardedGradScaler,
-    which agrees on inf/NaN gradients across ranks (each rank sees only its shard)."""
-
-    def __init__(self, device_type: str, dtype: torch.dtype, scaler_kwargs: dict | None) -> None:
-        super().__init__(device_type, dtype, scaler_kwargs)
-        if self.scaler is not None:
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-            self.scaler = ShardedGradScaler(device_type, **(scaler_kwargs or {}))
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return _NO_AUTOCAST
-
-
-@dataclass(frozen=True)
-class ShardedEntry:
-    """An entry of a sharded checkpoint folder that `unpack_checkpoint` reads into the live,
-    sharded components (so a folder written by N ranks loads on M)."""
-
-    folder: Path
-    key: str
+from ddprun.engines.precision import Precision, ShardedMixedPrecision
 
 
 class FullyShardedDataParallelEngine(DistributedDataParallelEngine):
@@ -61,9 +33,9 @@ class FullyShardedDataParallelEngine(DistributedDataParallelEngine):
 
     Args:
         wrap: which submodules become FSDP units of their own (each unit's parameters are
-            gathered just before its forward and freed after): None, each child module that
-            holds parameters; module classes, every submodule of those classes; or a function
-            ``fn(module) -> bool``. The root module is always sharded last, holding the rest.
+            gathered just before its forward, see `reshard_after_forward`): None, each child
+            module that holds parameters; module classes, every submodule of those classes; or
+            a function ``fn(module) -> bool``. The root module is always sharded last, holding the rest.
         reshard_after_forward: free each unit's gathered parameters after its forward and
             gather them again in backward (less memory, more communication). The root keeps
             its own (torch's default: backward starts with it).
@@ -158,8 +130,8 @@ class FullyShardedDataParallelEngine(DistributedDataParallelEngine):
         super().setup()
         self._mesh = init_device_mesh(self.device.type, (self.world_size,))
         if self._step_hook is None:
-            rebind = self._params.rebind
-            self._step_hook = register_optimizer_step_pre_hook(lambda opt, *_: rebind(opt))
+            params = self._params
+            self._step_hook = register_optimizer_step_pre_hook(lambda opt, *_: params.rebind(opt))
 
     def _configure_precision(self) -> None:
         self.precision = self._make_precision(self.device.type)
@@ -179,11 +151,13 @@ class FullyShardedDataParallelEngine(DistributedDataParallelEngine):
             for root in [ref() for ref in self._roots]:
                 if root is not None and fsdp_modules.is_sharded(root):
                     fsdp_modules.to_plain(root)
+        self._params.clear()
         super().teardown()
 
     # -------------------------------------------------------------- components
     def prepare_model(self, model: Any) -> Any:
         self._roots = []
+        self._params.clear()  # the previous stage's optimizers are gone
         return super().prepare_model(model)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
@@ -316,13 +290,14 @@ class FullyShardedDataParallelEngine(DistributedDataParallelEngine):
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """A file checkpoint as it is; a sharded folder as its unsharded entries, with a
-        `ShardedEntry` in place of each sharded one (read by `unpack_checkpoint`)."""
+        `ddprun.checkpoint_folders.ShardedEntry` in place of each sharded one (which
+        `unpack_checkpoint` reads into the live components)."""
         path = Path(path)
         if not folders.is_sharded_folder(path):
             return ckpt_io.load_checkpoint(path)
         state = folders.read_state(path)
         for key in state.pop(folders.SHARDED_KEYS, []):
-            state[key] = ShardedEntry(path, key)
+            state[key] = folders.ShardedEntry(path, key)
         return state
 
     def unpack_checkpoint(

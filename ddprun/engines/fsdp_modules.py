@@ -91,6 +91,12 @@ class ParameterMap:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()
 
+    def clear(self) -> None:
+        """Forget every replacement (a new stage shards new modules; the old sharded
+        parameters must not be kept alive here)."""
+        self._map.clear()
+        self._generation += 1
+
     def before(self, root: nn.Module) -> dict[str, nn.Parameter]:
         """Call before sharding `root`: its parameters by name."""
         return dict(root.named_parameters())

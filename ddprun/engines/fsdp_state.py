@@ -91,6 +91,4 @@ def load_optimizer(saved: Any, optimizer: Any, owner: nn.Module, group: Any, key
 
 
 def _is_sharded_entry(saved: Any) -> bool:
-    from ddprun.engines.fsdp import ShardedEntry
-
-    return isinstance(saved, ShardedEntry)
+    return isinstance(saved, folders.ShardedEntry)

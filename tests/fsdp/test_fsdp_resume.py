@@ -70,11 +70,12 @@ def test_killed_rank_restarts_from_the_last_saved_batch_bit_for_bit(reference, t
 
 
 def test_a_folder_written_by_two_ranks_resumes_on_one(reference, tmp_path):
-    """Epoch 2's folder resumes under ``ddprun --nproc 1`` (FSDP on one rank, batch 32)."""
+    """Epoch 2's folder resumes under ``ddprun --nproc 1`` (FSDP on one rank, batch 32, with
+    CPU offload, which changes nothing on a CPU rank)."""
     source = reference / "run" / "checkpoints" / "train.2"
     logdir = tmp_path / "one"
     argv = ddprun(1, TRAIN, "--logdir", logdir, "--epochs", "3", "--batch-size", "32",
-                  "--resume", source)  # fmt: skip
+                  "--resume", source, "--cpu-offload")  # fmt: skip
     result = run(argv, logdir, 150)
     assert result.returncode == 0, result.stdout[-4000:]
     assert _batches(logdir, 0)[0][0] == 17  # epoch 3 only (8 batches of 32 per epoch)

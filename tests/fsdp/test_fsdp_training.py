@@ -6,12 +6,13 @@ encoder's first layer frozen, SGD with momentum, gradient accumulation over 3 ba
 to a global norm of 0.05 (always active here), and each train loader left after batch 7, so an
 accumulation window is still open at its end (the engine reduces it before the step). It runs
 under ``ddprun --nproc 2`` with FSDPEngine and with DistributedDataParallelEngine (batch 16 per
-rank), and in this process with DeviceEngine (batch 32).
+rank), and in this process with DeviceEngine (batch 32); each run ends with ``evaluate_loader``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from .helpers import (
 pytestmark = pytest.mark.timeout(300)
 
 CONFIG = ("--dict-model", "--freeze-first", "--sgd", "--accumulate", "3", "--clip", "0.05",
-          "--leave-at", "7", "--epochs", "2")  # fmt: skip
+          "--leave-at", "7", "--epochs", "2", "--evaluate")  # fmt: skip
 
 
 def _script():
@@ -76,6 +77,13 @@ def test_fsdp_metrics_equal_ddp_and_one_process(runs):
             assert fsdp[loader].keys() == values.keys()
             for key, value in values.items():
                 assert fsdp[loader][key] == pytest.approx(value, abs=1e-5), (other, loader, key)
+
+
+def test_the_model_after_train_is_plain_and_evaluates_again(runs):
+    """``runner.model`` after an FSDP run holds the full weights (final_weights.json is its
+    state dict); ``evaluate_loader`` shards it again and gets the last epoch's valid metrics."""
+    evaluated = json.loads((runs["fsdp"] / "evaluated.json").read_text())
+    assert evaluated == pytest.approx(metrics(runs["fsdp"])["valid"], abs=1e-7)
 
 
 def test_frozen_layer_stays_and_the_rest_moves(runs):

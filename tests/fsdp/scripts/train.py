@@ -11,6 +11,8 @@ accumulation window can be open at its end). It leaves in --logdir:
 - ``metrics.json`` (rank 0): the last epoch's metrics of every loader;
 - ``final_weights.json`` (rank 0): the model's full state dict as lists (a dict model: keys
   prefixed ``<key>.``), read from ``runner.model`` after ``train`` returned;
+- ``evaluated.json`` (rank 0, with ``--evaluate``): ``runner.evaluate_loader`` on the valid
+  set after ``train``;
 - ``progress_rank<R>.txt`` and ``fault_rank<R>.txt``, as tests/faults/scripts/train.py does,
   for the killed-rank test (``--fault-batch``: rank 1 SIGKILLs itself at that global batch on
   the first attempt); ``--pace S`` sleeps S seconds after every train batch (a test signals
@@ -48,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clip", type=float, default=0.0, help="max global grad norm")
     parser.add_argument("--param-dtype", default=None)
     parser.add_argument("--reduce-dtype", default=None)
+    parser.add_argument("--cpu-offload", action="store_true")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate_loader after train")
     parser.add_argument("--sgd", action="store_true")
     parser.add_argument(
         "--leave-at", type=int, default=0, help="leave each train loader after this batch"
@@ -140,7 +144,11 @@ class ScriptRunner(dl.Runner):
 
 def make_engine(args: argparse.Namespace) -> Any:
     if args.engine == "fsdp":
-        return dl.FSDPEngine(param_dtype=args.param_dtype, reduce_dtype=args.reduce_dtype)
+        return dl.FSDPEngine(
+            param_dtype=args.param_dtype,
+            reduce_dtype=args.reduce_dtype,
+            cpu_offload=args.cpu_offload,
+        )
     if args.engine == "ddp":
         return dl.DistributedDataParallelEngine()
     return dl.DeviceEngine("cpu")
@@ -202,7 +210,19 @@ def main(argv: list[str] | None = None) -> ScriptRunner:
     )
     if rank == 0:
         write_results(runner, logdir)
+    if args.evaluate:  # the engine shards the (now plain) model again, on every rank
+        valid_loader = DataLoader(valid, batch_size=batch)
+        evaluated = runner.evaluate_loader(loader=valid_loader, callbacks=callbacks_for_eval())
+        if rank == 0:
+            (logdir / "evaluated.json").write_text(json.dumps(evaluated))
     return runner
+
+
+def callbacks_for_eval() -> dict[str, Any]:
+    return {
+        "criterion": dl.CriterionCallback(input_key="logits", target_key="targets"),
+        "accuracy": dl.AccuracyCallback(input_key="logits", target_key="targets", topk_args=(1,)),
+    }
 
 
 def write_results(runner: ScriptRunner, logdir: Path) -> None:
