@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -155,16 +155,12 @@ def to_plain(root: nn.Module) -> bool:
     """Turn the sharded module `root` back into the plain module it was, holding its full
     weights (gathered on every rank: a collective, on the device it trained on). Afterwards
     it needs no process group, and may be sharded again. False (with a warning) when this
-    torch's FSDP state is not laid out as expected: the module then stays sharded."""
+    torch's FSDP state is not laid out as expected: then nothing is changed and the module
+    stays sharded."""
     full = full_state_dict(root)
-    try:
-        sharded = [m for m in root.modules() if is_sharded(m)]
-        for module in sharded:
-            _strip(module)
-        for module in root.modules():  # flags fully_shard sets for torch.compile
-            for flag in ("_is_fsdp_managed_module", "_fsdp_use_orig_params"):
-                module.__dict__.pop(flag, None)
-    except (AttributeError, TypeError, KeyError) as error:
+    try:  # read everything first: a layout this code does not know changes nothing
+        found = [(m, _added_by_fully_shard(m)) for m in root.modules() if is_sharded(m)]
+    except AttributeError as error:
         warnings.warn(
             f"ddprun: could not turn the sharded {type(root).__name__} back into a plain module "
             f"with torch {torch.__version__} ({error!r}); it stays sharded (load a checkpoint "
@@ -172,36 +168,39 @@ def to_plain(root: nn.Module) -> bool:
             stacklevel=2,
         )
         return False
+    fsdp_module = _fsdp().FSDPModule
+    for module, (handles, keys) in found:
+        for handle in handles:
+            handle.remove()
+        module.__class__ = next(c for c in type(module).__mro__ if not issubclass(c, fsdp_module))
+        for key in keys:
+            module.__dict__.pop(key, None)
+    from torch.distributed import _composable_state
+
+    mapping = getattr(_composable_state, "_module_state_mapping", {})
+    for module in root.modules():
+        mapping.pop(module, None)
+        for flag in ("_is_fsdp_managed_module", "_fsdp_use_orig_params"):  # for torch.compile
+            module.__dict__.pop(flag, None)
     _assign(root, full)
     return True
 
 
-def _strip(module: nn.Module) -> None:
-    """Remove what ``fully_shard`` added to one module: hooks, class and registrations."""
+def _added_by_fully_shard(module: nn.Module) -> tuple[list[Any], tuple[str, str]]:
+    """The hook handles ``fully_shard`` registered for `module`'s FSDP state (forward hooks,
+    state-dict hooks of the modules owning its parameters), and the ``__dict__`` keys under
+    which torch's composable API registered it (cleared so it can be sharded again)."""
     import importlib
-
-    from torch.distributed import _composable_state
 
     # the module, not the `contract` function the package re-exports under the same name
     contract = importlib.import_module("torch.distributed._composable.contract")
-
     state = module._get_fsdp_state()
-    for handle in {state._pre_forward_hook_handle, state._post_forward_hook_handle}:
-        handle.remove()
+    handles = list({state._pre_forward_hook_handle, state._post_forward_hook_handle})
     for group in state._fsdp_param_groups:
-        for handles in (
-            group._module_to_pre_save_state_dict_hook_handle,
-            group._module_to_pre_load_state_dict_hook_handle,
-        ):
-            for handle in handles.values():
-                handle.remove()
-        for fsdp_param in group.fsdp_params:
-            fsdp_param._post_load_hook_handle.remove()
-    fsdp_module = _fsdp().FSDPModule
-    module.__class__ = next(c for c in type(module).__mro__ if not issubclass(c, fsdp_module))
-    for key in (contract.STATE_KEY, contract.REGISTRY_KEY):
-        module.__dict__.pop(key, None)
-    _composable_state._module_state_mapping.pop(module, None)
+        handles += group._module_to_pre_save_state_dict_hook_handle.values()
+        handles += group._module_to_pre_load_state_dict_hook_handle.values()
+        handles += [fsdp_param._post_load_hook_handle for fsdp_param in group.fsdp_params]
+    return handles, (contract.STATE_KEY, contract.REGISTRY_KEY)
 
 
 def _assign(root: nn.Module, full: dict[str, torch.Tensor]) -> None:
@@ -216,12 +215,3 @@ def _assign(root: nn.Module, full: dict[str, torch.Tensor]) -> None:
                 key = f"{owner_name}.{name}" if owner_name else name
                 made[id(param)] = nn.Parameter(full[key], requires_grad=param.requires_grad)
             owner._parameters[name] = made[id(param)]
-
-
-def roots(model: Any) -> Iterable[nn.Module]:
-    """The sharded modules among `model` (a module or a dict of them), compiled or not."""
-    values = model.values() if isinstance(model, dict) else [model]
-    for value in values:
-        value = getattr(value, "_orig_mod", value)
-        if isinstance(value, nn.Module) and is_sharded(value):
-            yield value
