@@ -1,4 +1,5 @@
-"""Checkpoint I/O: pack and unpack component states, atomic save, verified load.
+"""Checkpoint I/O: pack and unpack component states, atomic save, verified load (files; sharded
+folders are read through `ddprun.checkpoint_folders`).
 
 Plain I/O only. Who writes (rank 0) and who waits (the barrier) is the engine's decision.
 Every file written here carries its manifest (size and checksum, see
@@ -197,8 +198,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     The file is memory-mapped (``torch.load(mmap=True)``): tensors are read from the page cache
     as they are used, so N ranks loading one checkpoint do not each hold a private copy of it in
     RAM. Files in torch's legacy (non-zip) format are read whole.
+
+    A sharded checkpoint folder (written by the FSDP engine) is read whole, in this process and
+    without a process group, as the same full dict (`ddprun.checkpoint_folders.consolidate`).
     """
     path = Path(path)
+    if path.is_dir():
+        from ddprun import checkpoint_folders
+
+        return checkpoint_folders.consolidate(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:

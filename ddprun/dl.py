@@ -37,6 +37,8 @@ from ddprun.engines import (
     DeviceEngine,
     DistributedDataParallelAMPEngine,
     DistributedDataParallelEngine,
+    FSDPEngine,
+    FullyShardedDataParallelEngine,
     IEngine,
 )
 from ddprun.loggers import (
@@ -73,6 +75,8 @@ __all__ = [
     "DistributedDataParallelEngine",
     "EarlyStoppingCallback",
     "Event",
+    "FSDPEngine",
+    "FullyShardedDataParallelEngine",
     "IEngine",
     "ILogger",
     "IOUCallback",

@@ -119,11 +119,11 @@ class CheckpointCallback(Callback):
             self.resume = str(resume)
 
     # ---------------------------------------------------------------- paths
-    def _path(self, source: str) -> Path:
+    def _path(self, source: str, engine: Any) -> Path:
         if source in ("best", "last"):
             if self.folder is None:
                 raise ValueError(f"CheckpointCallback: {source!r} needs a logdir")
-            return self.folder / f"{source}.pth"
+            return engine.checkpoint_path(self.folder, source)
         return Path(source)
 
     # --------------------------------------------------------------- events
@@ -150,7 +150,8 @@ class CheckpointCallback(Callback):
             # mid-epoch: with the position of every rank (a collective: every rank is here)
             state = self._pack(runner, epoch_finished=False)
             background = self.async_save and runner.stop_signal is None
-            runner.engine.save_checkpoint(state, self.folder / "last.pth", async_=background)
+            last = runner.engine.checkpoint_path(self.folder, "last")
+            runner.engine.save_checkpoint(state, last, async_=background)
 
     def on_epoch_end(self, runner: IRunner) -> None:
         if self.folder is None or runner.stage_key.startswith("infer"):
@@ -161,7 +162,9 @@ class CheckpointCallback(Callback):
             "epoch": runner.stage_epoch_step,
             "global_epoch": runner.global_epoch_step,
             "score": score,
-            "file": f"{runner.stage_key}.{runner.stage_epoch_step}.pth",
+            "file": runner.engine.checkpoint_path(
+                self.folder, f"{runner.stage_key}.{runner.stage_epoch_step}"
+            ).name,
             "metrics": resume.numeric_metrics(runner.epoch_metrics),
         }
         keep, dropped = self._rank_stage(record)
@@ -169,14 +172,14 @@ class CheckpointCallback(Callback):
         if is_best:
             self.best = record
         self.last = record
-        targets = [self.folder / "last.pth"]
-        targets += [self.folder / "best.pth"] if is_best else []
+        targets = [runner.engine.checkpoint_path(self.folder, "last")]
+        targets += [runner.engine.checkpoint_path(self.folder, "best")] if is_best else []
         targets += [self.folder / record["file"]] if keep else []
         bookkeeping = copy.deepcopy(self._bookkeeping())  # as of this save (async: later)
 
         def written() -> None:  # on the master, once the files are in place
             for old in dropped:
-                (self.folder / old["file"]).unlink(missing_ok=True)
+                runner.engine.remove_checkpoint(self.folder / old["file"])
             io.save_json(bookkeeping, self.folder / "_metrics.json")
 
         state = self._pack(runner, epoch_finished=True)
@@ -264,7 +267,7 @@ class CheckpointCallback(Callback):
                 )
         runner.engine.wait_for_checkpoint()  # best.pth may still be in flight
         for source, parts in by_source.items():
-            path = self._path(source)
-            if not path.is_file():
+            path = self._path(source, runner.engine)
+            if not path.exists():
                 raise FileNotFoundError(f"{name}: checkpoint {path} does not exist")
             resume.load_parts(runner, runner.engine.load_checkpoint(path), parts, str(path))

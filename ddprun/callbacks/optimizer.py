@@ -42,8 +42,9 @@ class OptimizerCallback(Callback):
     accumulated gradients (see ``ddprun.core.resume``), continues inside the same window. A
     window still open when the loader ends (a loader without ``len``, or one left early) is
     stepped in ``on_loader_end``, as the last batch of a sized loader always is: no gradient
-    leaks into the next loader or epoch. Under DDP its gradients were accumulated under
-    ``no_sync``, so they are averaged across ranks first (one all-reduce per dtype).
+    leaks into the next loader or epoch. Its gradients were accumulated without a reduction,
+    so the engine reduces them first (``engine.finish_accumulation``: DDP averages them in one
+    all-reduce per dtype, FSDP reduce-scatters them).
 
     DDP decides in the forward pass whether the backward all-reduces, so ``no_sync`` is entered
     in ``on_batch_start`` of an accumulating batch (before `handle_batch` runs the model) and
@@ -131,31 +132,9 @@ class OptimizerCallback(Callback):
         if not runner.is_train_loader:
             return
         if self._accumulating(runner):
-            # an open window: gradients of its batches wait on the parameters
-            if runner.engine.world_size > 1:
-                self._average_local_gradients(runner.engine)
+            # an open window: gradients of its batches wait, unreduced, for a step
+            runner.engine.finish_accumulation(self._models)
             self._step(runner)
-
-    def _average_local_gradients(self, engine: Any) -> None:
-        """Average the gradients accumulated under ``no_sync`` across ranks, as DDP's step
-        batch would have (divide by the world size, then sum); a parameter without a gradient
-        on every rank keeps none."""
-        groups: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-        seen: set[int] = set()
-        for model in self._models:
-            for param in model.parameters():
-                if param.requires_grad and id(param) not in seen:
-                    seen.add(id(param))
-                    groups.setdefault(param.dtype, []).append(param)
-        for dtype, params in groups.items():
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            has = torch.tensor([p.grad is not None for p in params], dtype=dtype)
-            flat = torch.cat([g.reshape(-1) for g in grads]).div_(engine.world_size)
-            flat = engine.all_reduce(torch.cat([flat, has.to(flat.device)]), "sum")
-            present = flat[-len(params) :].tolist()  # once per loader end, not per batch
-            values = flat[: -len(params)].split([p.numel() for p in params])
-            for param, value, count in zip(params, values, present):
-                param.grad = value.view_as(param).clone() if count else None
 
     def _no_sync(self, engine: Any) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()

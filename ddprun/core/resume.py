@@ -183,7 +183,7 @@ def resume_source(
 ) -> Path | list[Path] | None:
     """Where a run resumes from: a named checkpoint (`source` as given: no fallback), or for
     ``"auto"`` (and a launcher's restart with no source) the checkpoints in `folder`, newest
-    first, when ``last.pth`` exists there (`Resume` takes the newest intact one); None to
+    first, when ``last.pth`` (or a sharded ``last`` folder) exists there (`Resume` takes the newest intact one); None to
     start fresh."""
     if source is None and restarted and folder is not None:
         source = "auto"
@@ -196,7 +196,7 @@ def resume_source(
         return path
     if folder is None:
         raise ValueError("resume='auto' needs a logdir to find last.pth in")
-    if not (folder / "last.pth").exists():
+    if not any((folder / name).exists() for name in ("last.pth", "last")):  # file or folder
         return None
     return checkpoint_candidates(folder)
 

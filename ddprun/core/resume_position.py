@@ -207,19 +207,19 @@ def position_on_this_world(
     """`position` for this run's world size, or None (with one warning) when it cannot carry
     over: the run then continues at the next epoch boundary.
 
-    Saved by N ranks after k batches of b samples each, a distributed sampler has handed out
-    the first N*k*b positions of the epoch's permutation; M ranks continue exactly from there
-    when they can each skip N*k*b / M positions, a whole number of their own batches. Other
-    loaders (no resumable sampler) continue only on the same world size.
+    Saved by N ranks after k batches of b samples each, a distributed sampler (ddprun's, or
+    one process's seeded shuffle) has handed out the first N*k*b positions of the epoch's
+    permutation; M ranks continue exactly from there when they can each skip N*k*b / M
+    positions, a whole number of their own batches (a resumable sampler skips the indices,
+    any other loader is fast-forwarded by those batches).
     """
     saved, world = len(position["ranks"]), runner.engine.world_size
     if saved == world:
         return position
     loader = runner.loaders.get(position["loader_key"])
-    sampler = getattr(loader, "sampler", None)
     batch_size = getattr(loader, "batch_size", None) or 0
     consumed = int(position["start_index"]) * saved
-    if hasattr(sampler, "load_state_dict") and batch_size and consumed % (world * batch_size) == 0:
+    if batch_size and consumed % (world * batch_size) == 0:
         start = consumed // world
         return {**position, "start_index": start, "loader_batch_step": start // batch_size}
     if runner.engine.is_master:

@@ -98,6 +98,7 @@ class Runner(IRunner):
         resume: str | None = None,
         amp: bool = False,
         ddp: bool = False,
+        fsdp: bool = False,
         fp16: bool = False,
         apex: bool = False,
         check: bool = False,
@@ -124,6 +125,8 @@ class Runner(IRunner):
             resume: a checkpoint path to restore full state from before training.
             amp, ddp: pick AMPEngine / DistributedDataParallel(AMP)Engine when `engine` is None;
                 under a launcher with WORLD_SIZE > 1 the DDP engine is chosen without `ddp`.
+            fsdp: pick the FSDPEngine (sharded parameters, gradients and optimizer states);
+                with `amp` its parameters compute in fp16 on CUDA, bf16 on CPU.
             fp16, apex: Catalyst's names for mixed precision: both mean `amp` (torch's native
                 AMP; `apex` warns once that NVIDIA APEX is replaced by it).
             check: a short check run (CheckRunCallback: 3 batches per loader, 3 epochs).
@@ -153,7 +156,7 @@ class Runner(IRunner):
                 "pass valid_loader= naming the loader whose metric selects the best checkpoint"
             )
         self.model = model
-        self.engine = engine if engine is not None else default_engine(amp=amp, ddp=ddp)
+        self.engine = engine if engine is not None else default_engine(amp=amp, ddp=ddp, fsdp=fsdp)
         self._loaders, self._num_epochs, self._seed = loaders, int(num_epochs), int(seed)
         self._criterion, self._optimizer, self._scheduler = criterion, optimizer, scheduler
         self.trial = trial

@@ -3,6 +3,7 @@
 from ddprun.engines.ddp import DistributedDataParallelAMPEngine, DistributedDataParallelEngine
 from ddprun.engines.device import AMPEngine, DataParallelEngine, DeviceEngine
 from ddprun.engines.engine import IEngine
+from ddprun.engines.fsdp import FSDPEngine, FullyShardedDataParallelEngine
 from ddprun.engines.precision import MixedPrecision, Precision
 
 __all__ = [
@@ -11,6 +12,8 @@ __all__ = [
     "DeviceEngine",
     "DistributedDataParallelAMPEngine",
     "DistributedDataParallelEngine",
+    "FSDPEngine",
+    "FullyShardedDataParallelEngine",
     "IEngine",
     "MixedPrecision",
     "Precision",

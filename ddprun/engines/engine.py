@@ -120,6 +120,12 @@ class IEngine:
         compilation; checkpoints take states from `checkpoint.unwrap_module` (no prefix)."""
         return map_components(model, strip_parallel)
 
+    def prepare_optimizer(self, optimizer: Any) -> Any:
+        """The optimizer(s) made for the model before `prepare_model`, fit for the prepared
+        model. Most engines keep the parameters, so the optimizer is returned as it is; the
+        FSDP engine replaces them with sharded ones and points the optimizer at those."""
+        return optimizer
+
     def move(self, batch: Any) -> Any:
         """Move a batch (tensors inside dicts/lists/tuples) to the device."""
         return any2device(batch, self.device)
@@ -155,6 +161,14 @@ class IEngine:
     def no_sync(self, model: Any) -> Iterator[None]:
         """Skip gradient all-reduce inside (gradient accumulation); nothing to skip here."""
         yield
+
+    def finish_accumulation(self, models: Sequence[Any]) -> None:
+        """Reduce the gradients accumulated under `no_sync` when no synchronising backward
+        will come (an accumulation window still open at a loader's end): DDP averages each
+        parameter's rank-local gradient across ranks, as its step batch would have; a
+        parameter without a gradient on every rank keeps none. One process: nothing to do."""
+        if self.world_size > 1:
+            average_local_gradients(self, models)
 
     # ------------------------------------------------------------- collectives
     @property
@@ -328,7 +342,38 @@ class IEngine:
         self.barrier()
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
-        """Read a checkpoint (every rank reads the same file), after the pending asynchronous
-        save (`wait_for_checkpoint`: collective while a save is pending)."""
+        """Read a checkpoint (every rank reads the same file; a sharded folder is read whole),
+        after the pending asynchronous save (`wait_for_checkpoint`: collective while a save
+        is pending)."""
         self.wait_for_checkpoint()
         return ckpt_io.load_checkpoint(path)
+
+    def checkpoint_path(self, folder: str | Path, name: str) -> Path:
+        """Where checkpoint `name` ("best", "last", "<stage>.<epoch>") lives: one file,
+        ``<folder>/<name>.pth``; the FSDP engine writes a folder ``<folder>/<name>``."""
+        return Path(folder) / f"{name}.pth"
+
+    def remove_checkpoint(self, path: str | Path) -> None:
+        """Delete a checkpoint written by `save_checkpoint` (called on the master only)."""
+        Path(path).unlink(missing_ok=True)
+
+
+def average_local_gradients(engine: IEngine, models: Sequence[Any]) -> None:
+    """Average rank-local gradients across ranks (divide by the world size, then one sum
+    all-reduce per dtype); a parameter without a gradient on every rank keeps none."""
+    groups: dict[torch.dtype, list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for model in models:
+        for param in model.parameters():
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                groups.setdefault(param.dtype, []).append(param)
+    for dtype, params in groups.items():
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        has = torch.tensor([p.grad is not None for p in params], dtype=dtype)
+        flat = torch.cat([g.reshape(-1) for g in grads]).div_(engine.world_size)
+        flat = engine.all_reduce(torch.cat([flat, has.to(flat.device)]), "sum")
+        present = flat[-len(params) :].tolist()  # once per loader end, not per batch
+        values = flat[: -len(params)].split([p.numel() for p in params])
+        for param, value, count in zip(params, values, present):
+            param.grad = value.view_as(param).clone() if count else None

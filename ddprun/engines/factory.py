@@ -39,11 +39,17 @@ def launched_world_size() -> int:
         return 1
 
 
-def default_engine(amp: bool = False, ddp: bool = False) -> Any:
-    """The engine of a run that names none: DDP when asked or when launched with
-    ``WORLD_SIZE > 1``, else one process; the AMP variant with `amp`."""
+def default_engine(amp: bool = False, ddp: bool = False, fsdp: bool = False) -> Any:
+    """The engine of a run that names none: FSDP when asked (bf16/fp16 parameters with `amp`:
+    fp16 on CUDA, bf16 on CPU); DDP when asked or when launched with ``WORLD_SIZE > 1``, else
+    one process; the AMP variant with `amp`."""
     from ddprun import engines
 
+    if fsdp:
+        import torch
+
+        dtype = ("fp16" if torch.cuda.is_available() else "bf16") if amp else None
+        return engines.FSDPEngine(param_dtype=dtype)
     if ddp or launched_world_size() > 1:
         if amp:
             return engines.DistributedDataParallelAMPEngine()

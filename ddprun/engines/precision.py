@@ -1,7 +1,8 @@
 """Numeric precision as a part an engine is composed with (AMP is a precision, not an engine tree).
 
 `Precision` is plain fp32: its hooks pass straight through. `MixedPrecision` owns autocast and,
-for fp16, the GradScaler whose state goes into checkpoints.
+for fp16, the GradScaler whose state goes into checkpoints. `ShardedMixedPrecision` is FSDP's:
+no autocast (FSDP casts the parameters), a ShardedGradScaler for fp16.
 
 Several optimizers per iteration (a GAN, an encoder and a head with their own optimizers) follow
 torch's recipe for GradScaler: one scaled backward, each optimizer unscaled (when clipping) and
@@ -126,3 +127,19 @@ class MixedPrecision(Precision):
             self._update_pending = False
             self._unscaled.clear()
             self.scaler.load_state_dict(state["scaler"])
+
+
+class ShardedMixedPrecision(MixedPrecision):
+    """FSDP's mixed precision: FSDP itself casts parameters to `dtype` per module (its
+    ``MixedPrecisionPolicy``, set by the FSDP engine), so there is no autocast; fp16 adds torch's
+    ShardedGradScaler, which agrees on inf/NaN gradients across ranks (each holds one shard)."""
+
+    def __init__(self, device_type: str, dtype: torch.dtype, scaler_kwargs: dict | None) -> None:
+        super().__init__(device_type, dtype, scaler_kwargs)
+        if self.scaler is not None:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler = ShardedGradScaler(device_type, **(scaler_kwargs or {}))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return _NO_AUTOCAST

@@ -48,6 +48,8 @@ SPEC_TRAIN_DEFAULTS = {
     "resume": None,
     "amp": False,
     "ddp": False,
+    # the sharded engine (issue 14): FSDPEngine, bf16/fp16 parameters with amp
+    "fsdp": False,
     # Catalyst 21.12's flags (issue 12): fp16/apex run native AMP, check/overfit add callbacks
     "fp16": False,
     "apex": False,

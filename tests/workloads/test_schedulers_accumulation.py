@@ -365,5 +365,27 @@ def test_resume_on_another_world_size_averages_the_window_and_warns_once(accumul
     assert all(math.isfinite(v) for t in final(logdir)["model"].values() for v in t.flatten())
 
 
+@pytest.mark.timeout(150)
+def test_a_position_that_cannot_carry_over_continues_at_the_next_epoch(accumulate, tmp_path):
+    # issue 14: 2 ranks x 8 batches of 16 seen; one process with batches of 48 cannot continue
+    # at a whole batch, so it says so once and starts the next epoch
+    logdir = tmp_path / "run"
+    argv = ddprun(2, "accumulate", "--logdir", str(logdir), *DDP_ARGS, "--save-every", "2",
+                  "--fault", "raise", "--fault-rank", "1", "--fault-batch", "10")  # fmt: skip
+    result = run(argv, tmp_path, timeout=120)
+    assert result.returncode != 0 and "injected fault at batch 10" in result.stderr
+    last = logdir / "checkpoints" / "last.pth"
+    saved = load_checkpoint(last)
+    assert not saved["epoch_finished"]
+    with pytest.warns(UserWarning) as warned:
+        accumulate(logdir, *DDP_ARGS, "--batch-size", "48", "--resume", str(last), "--epochs", "3")
+    messages = [str(w.message) for w in warned if "cannot carry over" in str(w.message)]
+    assert len(messages) == 1 and "next epoch" in messages[0] and str(last) in messages[0]
+    assert not any("accumulation" in str(w.message) for w in warned)  # no window carried
+    resumed = load_checkpoint(last)
+    assert resumed["epoch_finished"] and resumed["global_epoch_step"] == 3
+    assert resumed["global_batch_step"] > saved["global_batch_step"]
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
