@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,23 +121,40 @@ def _load_file_whole(path: Path, model: nn.Module) -> dict:
     return state
 
 
-def _load_fsdp_folder(path: Path, model: nn.Module) -> dict:
-    # HOOK (issue 14.7, FSDP folder): shard the model with ddprun.engines.fsdp under a gloo group
-    # (RANK/WORLD_SIZE/MASTER_* are set for the children) and load the sharded folder written
-    # by ddprun.checkpoint_folders; then add "fsdp-folder" to LOADERS' measured variants.
-    raise NotImplementedError("FSDP folder loading is not in this branch yet")
+def _fsdp_engine_and_model(model: nn.Module) -> tuple[Any, nn.Module]:
+    from ddprun.engines.fsdp import FSDPEngine
+
+    engine = FSDPEngine(backend="gloo")
+    engine.setup()  # joins the group the parent described (RANK, WORLD_SIZE, MASTER_*)
+    return engine, engine.prepare_model(model)
+
+
+def _write_fsdp_folder(path: Path, prepared: Any) -> dict:
+    engine, sharded = prepared
+    engine.save_checkpoint(engine.pack_checkpoint(sharded), path)
+    raise NotImplementedError("written")  # nothing to measure: the folder for the next pair
+
+
+def _load_fsdp_folder(path: Path, prepared: Any) -> dict:
+    engine, sharded = prepared
+    state = engine.load_checkpoint(path)  # every rank reads its own shards
+    engine.unpack_checkpoint(state, model=sharded)
+    return state
 
 
 LOADERS = {
     "DDP file, memory-mapped (ddprun)": _load_file_mmap,
     "file read whole (torch.load, no mmap)": _load_file_whole,
-    "FSDP sharded folder": _load_fsdp_folder,
+    "write the FSDP folder": _write_fsdp_folder,
+    "FSDP sharded folder (ddprun)": _load_fsdp_folder,
 }
 
 
 def child(path: str, variant: str, width: int, layers: int) -> None:
     torch.set_num_threads(1)
     model = make_model(width, layers)
+    if "FSDP" in variant:  # the group and the sharded model exist before the measured load
+        model = _fsdp_engine_and_model(model)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on
     before = _memory()
     start = time.perf_counter()
@@ -164,14 +182,14 @@ def bench_memory(folder: Path, width: int, layers: int) -> list[tuple[str, str]]
     checked = time.perf_counter() - start
     rows = [("resume checkpoint (model weights)", f"{size:.0f} MiB file, 2 ranks")]
     rows.append(("verify it (size + checksum, what a resume adds)", f"{checked:.2f} s"))
-    for variant in LOADERS:
-        procs = [_start_child(path, variant, width, layers, rank) for rank in (0, 1)]
+    for index, variant in enumerate(LOADERS):
+        target = path.with_suffix("") if "FSDP" in variant else path
+        procs = [_start_child(target, variant, width, layers, rank, index) for rank in (0, 1)]
         results = [
             json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs
         ]
         if any("skipped" in r for r in results):
-            rows.append((f"{variant}: peak RSS above the model", "not measured: hook only"))
-            continue
+            continue  # the FSDP folder written for the next pair
         peak = max(r["peak"] for r in results)
         private = max(r["private"] for r in results)
         seconds = max(r["seconds"] for r in results)
@@ -180,9 +198,11 @@ def bench_memory(folder: Path, width: int, layers: int) -> list[tuple[str, str]]
     return rows
 
 
-def _start_child(path: Path, variant: str, width: int, layers: int, rank: int) -> subprocess.Popen:
+def _start_child(
+    path: Path, variant: str, width: int, layers: int, rank: int, index: int
+) -> subprocess.Popen:
     env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", OMP_NUM_THREADS="1")
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29561 + index), OMP_NUM_THREADS="1")
     argv = [sys.executable, __file__, "--child", str(path), variant, str(width), str(layers)]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
 
