@@ -11,13 +11,9 @@ process group, taking turns every 7 train steps (`bench_common.lockstep`; plain 
 launch of a pair, ddprun the other): the step time of a 2-rank job drifts by +-30% between
 launches on a shared 2-core box, and turns of a few milliseconds see the same conditions.
 
-``--parts sync``: one ``ddprun --nproc 2`` job running ``Runner.train`` with 1, 5 and 20 metric
-callbacks (accuracy top-1/3, precision/recall/F1/support, confusion matrix, in turn) plus the
-loss: the Python-level torch.distributed collectives per batch and at each loader end (from the
-last batch's callbacks to the synced ``on_loader_end``) and the bytes handed to them, in the
-second epoch (a run's first loader end also agrees on the batch-metric keys). That a loader end
-is one reduction is tested; this shows what it carries. DDP's gradient all-reduces (C++) and the
-stop agreements on their own group count per batch.
+``--parts sync``: a ``ddprun --nproc 2`` job training with 1, 5 and 20 metric callbacks plus the
+loss; the Python-level torch.distributed collectives (not DDP's C++ gradient all-reduces) per
+batch and at each loader end of the second epoch, and their bytes (one reduction is tested).
 
 The launchers start this file as the worker (``--worker plain|ddprun|lockstep|sync``).
 

@@ -1,16 +1,12 @@
 """One process: ddprun's per-batch cost next to a hand-written loop, by two methods.
 
-- ``alternate``: whole runs alternating in this process (plain, ddprun, then ddprun, plain,
-  ...) after one warm-up run of each, on the full workload (`bench_common`): the median train
-  step of each run, and the median of the per-pair ratios ddprun / plain.
-- ``fresh``: each run a new Python process, plain, ddprun, plain, ddprun, ..., on the lean
-  workload (a default ``SupervisedRunner.train`` with an AccuracyCallback next to a hand loop
-  with the same per-batch work). Per batch: the training call, timed inside the process
-  (imports and data set-up excluded), over all its batches; also the epochs after the first
-  alone, and the whole process, start to exit, timed by this parent (imports included).
+- ``alternate``: whole runs alternating in this process after a warm-up, full workload
+  (`bench_common`); the median train step of each run; median of per-pair ratios.
+- ``fresh``: each run a new interpreter, plain, ddprun, plain, ..., lean workload; per batch:
+  the training call timed inside the process (no imports, no data set-up) over all its
+  batches, the epochs after the first alone, and the whole process timed by this parent.
 
-``--workload`` swaps either method's workload (RESULTS.md uses it to tell the methods apart);
-``--worker KIND`` is one fresh run, printing its JSON as the last line.
+``--workload`` swaps a method's workload; ``--worker KIND`` is one fresh run (JSON last line).
 
     python benchmarks/bench_single.py [--quick] [--reps N] [--models tiny,mlp]
                                       [--methods alternate,fresh] [--workload lean|full]
