@@ -1,28 +1,19 @@
-"""Shared pieces of the benchmarks: the workload, the data, the models, and the two training
-loops being compared -- a hand-written PyTorch loop and the same work through ddprun's Runner.
+"""Shared pieces of the benchmarks: workload, data, models, the loops compared (hand-written
+PyTorch and the same work through ddprun), their timing, and helpers.
 
-Both loops do the same work per run:
-
-- train: forward, cross-entropy, backward, Adam step, zero_grad(set_to_none=True), top-1
-  accuracy of every batch (kept as a tensor, no host read) and running loss/accuracy sums;
-- a progress bar per loader (tqdm; ddprun: TqdmCallback) with the batch metrics refreshed at
-  most every 0.5 s;
-- validation without gradients, with loss and accuracy over the loader;
-- per epoch: one CSV row per loader and a checkpoint (last, and best by validation loss).
-
-Per-step time is measured at the same points in both, by one `StepClock`: from just before the
-first batch is fetched from the train loader (ddprun: the last ``on_loader_start`` callback) to
-the end of the last train batch (ddprun: the last ``on_batch_end`` callback), divided by the
-number of train steps; the median of the individual step intervals is kept as well, and the
-process CPU time (all threads) per train step over the same span, which a busy neighbour on a
-shared machine disturbs much less than wall time. Whole-run wall time is the whole training
-call, from building the loaders to the last checkpoint.
+Full workload (`plain_train` / `ddprun_train`): forward, cross-entropy, backward, Adam, loss
+and top-1 accuracy summed on the device, a tqdm bar (loss and accuracy at most every 0.5 s),
+validation, CSV rows and last/best checkpoints per epoch; `StepClock` times each train step at
+the same points on both sides. Lean workload (`lean_plain` / `lean_ddprun`): a default
+``SupervisedRunner.train`` with an AccuracyCallback next to a hand loop with that per-batch
+work, timed around the training call and per epoch only: no per-batch probe on either side.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import math
 import os
@@ -31,16 +22,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 RESULT_PREFIX = "BENCH_RESULT "
+MODELS = ("tiny", "mlp")
 
 
 @dataclass(frozen=True)
@@ -56,66 +48,48 @@ class Workload:
     lr: float = 1e-3
     seed: int = 0
 
-    @property
-    def train_steps_per_epoch(self) -> int:
-        return -(-self.train_samples // self.batch_size)
-
     def quick(self) -> Workload:
         return replace(self, epochs=1, train_samples=4096, valid_samples=1024)
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-MODELS = ("tiny", "mlp")
-
 
 def make_model(name: str, features: int = 256, classes: int = 10) -> nn.Module:
-    """ "tiny": Linear(256, 10); "mlp": 256-512-512-10 with ReLU."""
+    """ "tiny": Linear(256, 10); "mlp": 256-512-512-10; "conv": a small net on 3x32x32."""
     if name == "tiny":
         return nn.Linear(features, classes)
     if name == "mlp":
-        return nn.Sequential(
-            nn.Linear(features, 512),
-            nn.ReLU(),
-            nn.Linear(512, 512),
-            nn.ReLU(),
-            nn.Linear(512, classes),
-        )
-    raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
+        hidden = [nn.Linear(features, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU()]
+        return nn.Sequential(*hidden, nn.Linear(512, classes))
+    if name == "conv":
+        conv = [nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1)]
+        pool = [nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU()]
+        head = [nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, classes)]
+        return nn.Sequential(*conv, *pool, *head)
+    raise ValueError(f"unknown model {name!r}; expected tiny, mlp or conv")
 
 
-def make_data(work: Workload) -> tuple[TensorDataset, TensorDataset]:
-    """A learnable synthetic problem: labels are the arg-max of a fixed random projection."""
+def make_loaders(work: Workload, sampler: Callable | None = None) -> dict[str, DataLoader]:
+    """Train and valid loaders of a learnable problem (labels: the arg-max of a fixed random
+    projection); the train loader shuffles by a seeded generator, or by `sampler(data, train)`
+    (the hand-written DDP loop's)."""
     gen = torch.Generator().manual_seed(work.seed)
-    total = work.train_samples + work.valid_samples
-    x = torch.randn(total, work.features, generator=gen)
-    w = torch.randn(work.features, work.classes, generator=gen)
-    y = (x @ w).argmax(dim=1)
-    n = work.train_samples
-    return TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:])
-
-
-def make_loaders(
-    work: Workload, data: tuple[TensorDataset, TensorDataset], sampler_factory: Any = None
-) -> dict[str, DataLoader]:
-    """Train (shuffled, seeded generator) and valid loaders; `sampler_factory(dataset, train)`
-    gives samplers for the hand-written DDP loop."""
-    train, valid = data
-    if sampler_factory is None:
-        gen = torch.Generator().manual_seed(work.seed)
-        return {
-            "train": DataLoader(train, batch_size=work.batch_size, shuffle=True, generator=gen),
-            "valid": DataLoader(valid, batch_size=work.batch_size),
-        }
+    x = torch.randn(work.train_samples + work.valid_samples, work.features, generator=gen)
+    y = (x @ torch.randn(work.features, work.classes, generator=gen)).argmax(dim=1)
+    n, shuffle = work.train_samples, torch.Generator().manual_seed(work.seed)
+    if sampler is None:  # as DataLoader(shuffle=True, generator=...) for train, in order else
+        sampler = lambda data, train: RandomSampler(data, generator=shuffle) if train else None  # noqa: E731
+    data = {"train": TensorDataset(x[:n], y[:n]), "valid": TensorDataset(x[n:], y[n:])}
     return {
-        "train": DataLoader(
-            train, batch_size=work.batch_size, sampler=sampler_factory(train, True)
-        ),
-        "valid": DataLoader(
-            valid, batch_size=work.batch_size, sampler=sampler_factory(valid, False)
-        ),
+        key: DataLoader(part, batch_size=work.batch_size, sampler=sampler(part, key == "train"))
+        for key, part in data.items()
     }
+
+
+def setup(work: Workload, model_name: str, device: str = "cpu") -> tuple[dict, nn.Module, Any]:
+    """The workload's loaders, then its model (seeded, on `device`) and Adam."""
+    loaders = make_loaders(work)
+    torch.manual_seed(work.seed)
+    model = make_model(model_name, work.features, work.classes).to(device)
+    return loaders, model, torch.optim.Adam(model.parameters(), lr=work.lr)
 
 
 @contextlib.contextmanager
@@ -128,52 +102,54 @@ def quiet() -> Iterator[None]:
 
 @dataclass
 class RunResult:
-    """One training run: train time per step, whole-run wall time, the last epoch's metrics."""
+    """One run. Full workload: train steps; lean: all batches (train and valid)."""
 
-    step_s: float  # train-loader time / train steps
-    step_median_s: float  # median of the individual step intervals (robust to preemption)
-    cpu_step_s: float  # process CPU time (all threads) per train step: robust to a busy machine
-    wall_s: float
+    step_s: float  # full: train-loader time / steps; lean: the training call / batches
+    step_median_s: float  # full: median step interval; lean: median epoch / its batches
+    cpu_step_s: float  # process CPU time per step over the span of step_s
+    wall_s: float  # full: the whole training function; lean: the training call
     steps: int
-    first_step_time: float  # time.time() just before the first train batch is fetched
-    valid_loss: float
-    valid_accuracy: float
+    first_step_time: float = 0.0  # time.time() just before the first train batch is fetched
+    valid_loss: float = math.nan
+    valid_accuracy: float = math.nan
+    epoch_s: list[float] = field(default_factory=list)  # lean: each epoch
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def with_valid(self, metrics: dict[str, float]) -> RunResult:
+        """This result with the last loader's `loss` and `accuracy01` from `metrics`."""
+        self.valid_loss = metrics.get("loss", math.nan)
+        self.valid_accuracy = metrics.get("accuracy01", math.nan)
+        return self
 
 
-# ------------------------------------------------------------------- step timing
 class StepClock:
     """Train-step timing at the same points for every loop: `start()` just before the first
-    batch of a train loader is fetched, `end(last)` at the end of every train batch, `stop()`
-    after the loader.
-
-    `pause`, when given, is called at every `end` (lockstep runs: it may hand the CPU to the
-    other side); the time spent in it is left out of the step times.
-    """
+    batch of a train loader is fetched, `end(last)` after every train batch, `stop()` after
+    the loader. `pause()`, when given, runs at every `end` (lockstep: it may hand the CPU to
+    the other side) and its time is left out. `sync` runs at `start` and at the last `end`
+    (a GPU clock waits for the device there)."""
 
     def __init__(self, pause: Callable[[], None] | None = None) -> None:
         self.wall_start = time.perf_counter()
         self.intervals: list[float] = []
         self.time = self.cpu = 0.0
         self.steps = 0
-        # time.time() at the first train loader's start, not per batch: no loop pays an extra
-        # per-batch hook for it (only the DDP start-up benchmark reads it)
         self.first_step: float | None = None
         self._pause = pause
         self._paused = self._start = self._cpu_start = self._cpu_end = 0.0
         self._ends: list[float] = []
 
+    def sync(self, starting: bool) -> None:
+        """Nothing to wait for on a CPU."""
+
     def start(self) -> None:
-        if self.first_step is None:
-            self.first_step = time.time()
-        self._ends = []
-        self._paused = 0.0
-        self._cpu_start = time.process_time()
-        self._start = time.perf_counter()
+        self.sync(True)
+        self.first_step = self.first_step or time.time()
+        self._ends, self._paused = [], 0.0
+        self._cpu_start, self._start = time.process_time(), time.perf_counter()
 
     def end(self, last: bool = False) -> None:
+        if last:
+            self.sync(False)
         self._ends.append(time.perf_counter() - self._paused)
         if last:  # process CPU time only at the loader's last batch: one syscall per epoch
             self._cpu_end = time.process_time()
@@ -187,156 +163,109 @@ class StepClock:
             self.cpu += self._cpu_end - self._cpu_start
             self.time += self._ends[-1] - self._start
             self.steps += len(self._ends)
-            self.intervals += _intervals(self._start, self._ends)
+            self.intervals += [b - a for a, b in zip([self._start, *self._ends], self._ends)]
             self._ends = []
 
-    def result(self, valid_loss: float, valid_accuracy: float) -> RunResult:
-        return RunResult(
-            step_s=self.time / max(self.steps, 1),
-            step_median_s=median(self.intervals),
-            cpu_step_s=self.cpu / max(self.steps, 1),
-            wall_s=time.perf_counter() - self.wall_start,
-            steps=self.steps,
-            first_step_time=self.first_step or 0.0,
-            valid_loss=valid_loss,
-            valid_accuracy=valid_accuracy,
+    def result(self, metrics: dict[str, float]) -> RunResult:
+        """The run's timings, with its last loader's `metrics` (see `RunResult.with_valid`)."""
+        steps, wall = max(self.steps, 1), time.perf_counter() - self.wall_start
+        step_median, first = median(self.intervals), self.first_step or 0.0
+        result = RunResult(
+            self.time / steps, step_median, self.cpu / steps, wall, self.steps, first
         )
+        return result.with_valid(metrics)
 
 
-# ------------------------------------------------------------------ plain PyTorch
-def loader_pass(
-    work: Workload,
-    epoch: int,
-    key: str,
-    loader: Iterable,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    backward: Callable[[torch.Tensor], None],
-    clock: StepClock,
-    show: bool,
-    device: str | None = None,
-) -> torch.Tensor:
-    """One loader of the hand-written loop; returns the float64 sums loss*n, correct, n (on
-    `device`, or the CPU). Batches are moved to `device` when given (frameworks that own the
-    loader move them themselves)."""
+# ------------------------------------------------------------ hand-written, full workload
+def plain_train(
+    work: Workload, model_name: str, logdir: str | Path, ddp: bool = False, device: str = "cpu",
+    clock: StepClock | None = None, loaders: dict | None = None, dtype: torch.dtype | None = None,
+) -> RunResult:  # fmt: skip
+    """The hand-written loop (one process, or DDP in a launched process group); `loaders`
+    replace the workload's, `dtype` turns on autocast (fp16 with a GradScaler)."""
     from tqdm.auto import tqdm
 
-    training = key.startswith("train")
-    model.train(training)
-    criterion = nn.CrossEntropyLoss()
-    # float64 sums on the device: loss*samples, correct, samples (no host sync per batch)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    steps = len(loader)  # type: ignore[arg-type]
-    bar = tqdm(
-        total=steps,
-        desc=f"{epoch}/{work.epochs} * Epoch ({key})",
-        leave=True,
-        dynamic_ncols=True,
-        disable=not show,
-    )
-    last_refresh = 0.0
-    with torch.set_grad_enabled(training):
-        if training:
-            clock.start()
-        for step, (x, y) in enumerate(loader, 1):
-            if device is not None:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
-            loss = criterion(logits, y)
-            if training:
-                backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                correct = logits.argmax(dim=1).eq(y).sum()
-                accuracy = correct / y.shape[0]  # accuracy of every batch, no host read
-                sums[0] += loss.detach() * y.shape[0]
-                sums[1] += correct
-                sums[2] += y.shape[0]
-            bar.update(1)
-            now = time.monotonic()
-            if now - last_refresh >= 0.5 and show:
-                last_refresh = now
-                postfix = {"loss": f"{float(loss):.4g}", "acc": f"{float(accuracy):.4g}"}
-                bar.set_postfix(postfix, refresh=True)
-            if training:
-                clock.end(step == steps)
-    bar.close()
-    if training:
-        clock.stop()
-    return sums
-
-
-def means(sums: torch.Tensor) -> dict[str, float]:
-    """`loss` and `accuracy01` from `loader_pass`'s sums (one host read per loader)."""
-    return {"loss": (sums[0] / sums[2]).item(), "accuracy01": (sums[1] / sums[2]).item()}
-
-
-def plain_train(
-    work: Workload,
-    model_name: str,
-    logdir: str | Path,
-    ddp: bool = False,
-    device: str = "cpu",
-    pause: Callable[[], None] | None = None,
-) -> RunResult:
-    """The hand-written loop (single process, or DDP in a launched process group); `pause` as
-    in `StepClock`."""
-    clock = StepClock(pause)
-    logdir = Path(logdir)
-    (logdir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (logdir / "logs").mkdir(parents=True, exist_ok=True)
-    dist = None
-    rank = 0
+    clock, logdir, rank = clock or StepClock(), Path(logdir), 0
     if ddp:
         import torch.distributed as dist
         from torch.utils.data.distributed import DistributedSampler
 
         rank = dist.get_rank()
+        sampler = lambda data, train: DistributedSampler(data, shuffle=train, seed=work.seed)  # noqa: E731
+        loaders = make_loaders(work, sampler)
+    own_loaders, model, optimizer = setup(work, model_name, device)
+    loaders = loaders or own_loaders
+    scaler = torch.amp.GradScaler(device.split(":")[0]) if dtype is torch.float16 else None
+    net = nn.parallel.DistributedDataParallel(model) if ddp else model
+    criterion = nn.CrossEntropyLoss()
+    # one context for every batch, as ddprun's engine: torch.autocast objects re-enter
+    amp = torch.autocast(device.split(":")[0], dtype=dtype) if dtype else contextlib.nullcontext()
 
-        def sampler(dataset: Any, train: bool) -> DistributedSampler:
-            return DistributedSampler(dataset, shuffle=train, seed=work.seed)
+    def one_loader(epoch: int, key: str, loader: Any) -> dict[str, float]:
+        training = key.startswith("train")
+        net.train(training)
+        # the lean bookkeeping, on the device: two accumulators, no host read per batch
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        samples, steps, last_refresh = 0, len(loader), 0.0
+        bar = tqdm(total=steps, desc=f"{epoch}/{work.epochs} * Epoch ({key})", disable=rank > 0)
+        with torch.set_grad_enabled(training):
+            if training:
+                clock.start()
+            for index, (x, y) in enumerate(loader, 1):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with amp:
+                    logits = net(x)
+                    loss = criterion(logits, y)
+                if training and scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                elif training:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                if training:
+                    optimizer.zero_grad(set_to_none=True)
+                hits = logits.argmax(dim=1).eq(y).sum()
+                loss_sum.add_(loss.detach(), alpha=y.shape[0])
+                correct.add_(hits)
+                samples += y.shape[0]
+                bar.update(1)
+                now = time.monotonic()
+                if rank == 0 and now - last_refresh >= 0.5:  # the batch's accuracy when shown
+                    last_refresh = now
+                    accuracy = float(hits) / y.shape[0]
+                    bar.set_postfix(loss=f"{float(loss):.4g}", acc=f"{accuracy:.4g}")
+                if training:
+                    clock.end(index == steps)
+        bar.close()
+        if training:
+            clock.stop()
+        sums = torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(samples)])
+        if ddp:
+            dist.all_reduce(sums)
+        return {"loss": (sums[0] / sums[2]).item(), "accuracy01": (sums[1] / sums[2]).item()}
 
-        loaders = make_loaders(work, make_data(work), sampler)
-    else:
-        loaders = make_loaders(work, make_data(work))
-    torch.manual_seed(work.seed)
-    model = make_model(model_name, work.features, work.classes).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=work.lr)
-    net: nn.Module = nn.parallel.DistributedDataParallel(model) if ddp else model
-    best = float("inf")
-    metrics: dict[str, float] = {}
+    best, metrics = math.inf, {}
+    (logdir / "checkpoints").mkdir(parents=True, exist_ok=True)
     for epoch in range(1, work.epochs + 1):
         for key, loader in loaders.items():
             if ddp:
                 loader.sampler.set_epoch(epoch)
-            sums = loader_pass(
-                work, epoch, key, loader, net, optimizer, _backward, clock, rank == 0, device
-            )
-            if ddp:
-                dist.all_reduce(sums)
-            metrics = means(sums)
+            metrics = one_loader(epoch, key, loader)
             if rank == 0:
-                _append_csv(logdir / "logs" / f"{key}.csv", epoch, metrics)
+                append_csv(logdir / f"{key}.csv", epoch, metrics)
         if rank == 0:
-            state = {
-                "model_state_dict": model.state_dict(),
-                "optimizer_state_dict": optimizer.state_dict(),
-                "epoch": epoch,
-                "metrics": metrics,
-            }
-            torch.save(state, logdir / "checkpoints" / "last.pth")
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            torch.save({**state, "epoch": epoch}, logdir / "checkpoints/last.pth")
             if metrics["loss"] < best:
                 best = metrics["loss"]
-                torch.save(state, logdir / "checkpoints" / "best.pth")
-    return clock.result(metrics["loss"], metrics["accuracy01"])
+                torch.save({**state, "epoch": epoch}, logdir / "checkpoints/best.pth")
+    return clock.result(metrics)
 
 
-def _backward(loss: torch.Tensor) -> None:
-    loss.backward()
-
-
-def _append_csv(path: Path, step: int, row: dict[str, float]) -> None:
+def append_csv(path: Path, step: int, row: dict[str, float]) -> None:
+    """Append `row` to a CSV file (with its header when the file is new)."""
     new = not path.exists()
     with path.open("a", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=["step", *sorted(row)])
@@ -345,135 +274,191 @@ def _append_csv(path: Path, step: int, row: dict[str, float]) -> None:
         writer.writerow({"step": step, **row})
 
 
-# ------------------------------------------------------------------------ ddprun
+# ------------------------------------------------------------------ ddprun, full workload
 def ddprun_train(
-    work: Workload,
-    model_name: str,
-    logdir: str | Path,
-    engine: Any = None,
-    ddp: bool = False,
-    pause: Callable[[], None] | None = None,
-) -> RunResult:
-    """The same work through ``dl.Runner.train`` with the usual callbacks and a CSV logger;
-    `pause` as in `plain_train`."""
+    work: Workload, model_name: str, logdir: str | Path, engine: Any = None, ddp: bool = False,
+    clock: StepClock | None = None, loaders: dict | None = None,
+) -> RunResult:  # fmt: skip
+    """The same work through ``dl.Runner.train`` with the usual callbacks and a CSV logger."""
     from ddprun import dl
 
-    clock = StepClock(pause)
-    probe = _probe_callback(dl)(clock)
-    loaders = make_loaders(work, make_data(work))
-    torch.manual_seed(work.seed)
-    model = make_model(model_name, work.features, work.classes)
-    if ddp and engine is None:
-        engine = dl.DistributedDataParallelEngine()
-    runner = _runner_class(dl)()
+    own_loaders, model, optimizer = setup(work, model_name)
+    clock, loaders = clock or StepClock(), loaders or own_loaders
+    if engine is None:
+        engine = dl.DistributedDataParallelEngine() if ddp else dl.DeviceEngine("cpu")
+    bench_runner, probe = _classes()
+    runner = bench_runner()
     runner.train(
         model=model,
         criterion=nn.CrossEntropyLoss(),
-        optimizer=torch.optim.Adam(model.parameters(), lr=work.lr),
+        optimizer=optimizer,
         loaders=loaders,
-        engine=engine if engine is not None else dl.DeviceEngine("cpu"),
+        engine=engine,
         callbacks={
-            "criterion": dl.CriterionCallback(
-                input_key="logits", target_key="targets", metric_key="loss"
-            ),
+            "criterion": dl.CriterionCallback(input_key="logits", target_key="targets"),
             "optimizer": dl.OptimizerCallback(metric_key="loss"),
             "accuracy": dl.AccuracyCallback(input_key="logits", target_key="targets"),
             "checkpoint": dl.CheckpointCallback(
-                logdir=str(Path(logdir) / "checkpoints"),
-                loader_key="valid",
-                metric_key="loss",
-                minimize=True,
+                logdir=str(logdir), loader_key=list(loaders)[-1], metric_key="loss"
             ),
             "tqdm": dl.TqdmCallback(),
-            "_probe": probe,
+            "_probe": probe(clock),
         },
         loggers={"csv": dl.CSVLogger(logdir=str(logdir))},
         seed=work.seed,
         num_epochs=work.epochs,
     )
-    valid = runner.epoch_metrics.get("valid", {})
-    return clock.result(
-        float(valid.get("loss", float("nan"))), float(valid.get("accuracy01", float("nan")))
+    return clock.result(runner.epoch_metrics.get("valid", {}))
+
+
+@functools.cache
+def _classes() -> tuple[type, type]:
+    """The benchmark's Runner (a tuple batch into a dict) and StepProbe, a callback ordered
+    last that drives a `StepClock` at loader start and batch end, as the hand loop does."""
+    from ddprun import dl
+
+    class BenchRunner(dl.Runner):
+        def handle_batch(self, batch: Any) -> None:
+            x, y = batch
+            self.batch = {"features": x, "targets": y, "logits": self.model(x)}
+
+    class StepProbe(dl.Callback):
+        def __init__(self, clock: StepClock) -> None:
+            super().__init__(order=10_000)
+            self.clock = clock
+
+        def on_loader_start(self, runner: Any) -> None:
+            if runner.is_train_loader:
+                self.clock.start()
+
+        def on_batch_end(self, runner: Any) -> None:
+            if runner.is_train_loader:
+                self.clock.end(runner.loader_batch_step == runner.loader_batch_len)
+
+        def on_loader_end(self, runner: Any) -> None:
+            if runner.is_train_loader:
+                self.clock.stop()
+
+    return BenchRunner, StepProbe
+
+
+# ------------------------------------------------------------------------ lean workload
+def lean_plain(work: Workload, model_name: str) -> RunResult:
+    """A hand loop with a default ddprun run's per-batch work: forward, loss, backward, step,
+    zero_grad; the loss summed weighted by batch size and the correct count, on the device;
+    the loader means read once per loader and printed."""
+    loaders, model, optimizer = setup(work, model_name)
+    criterion, epochs = nn.CrossEntropyLoss(), []
+    start, cpu = time.perf_counter(), time.process_time()
+    for epoch in range(1, work.epochs + 1):
+        epoch_start = time.perf_counter()
+        for key, loader in loaders.items():
+            training = key.startswith("train")
+            model.train(training)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            correct = torch.zeros((), dtype=torch.int64)
+            samples = 0
+            with torch.set_grad_enabled(training):
+                for x, y in loader:
+                    logits = model(x)
+                    loss = criterion(logits, y)
+                    if training:
+                        loss.backward()
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    loss_sum.add_(loss.detach(), alpha=y.shape[0])
+                    correct.add_(logits.argmax(dim=1).eq(y).sum())
+                    samples += y.shape[0]
+            metrics = {"loss": loss_sum.item() / samples, "accuracy01": correct.item() / samples}
+            print(f"{epoch} {key}: {metrics}")
+        epochs.append(time.perf_counter() - epoch_start)
+    return _lean_result(work, loaders, start, cpu, epochs).with_valid(metrics)
+
+
+def lean_ddprun(work: Workload, model_name: str) -> RunResult:
+    """``dl.SupervisedRunner().train`` with its defaults (console logger, criterion and
+    optimizer callbacks) and an AccuracyCallback; epoch times from an epoch-only callback."""
+    from ddprun import dl
+
+    # built before the clock starts, as in lean_plain (Adam's first use imports torch._dynamo)
+    loaders, model, optimizer = setup(work, model_name)
+    epochs: list[float] = []
+
+    class EpochClock(dl.Callback):
+        def on_epoch_start(self, runner: Any) -> None:
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, runner: Any) -> None:
+            epochs.append(time.perf_counter() - self.start)
+
+    runner = dl.SupervisedRunner()
+    accuracy = dl.AccuracyCallback(input_key="logits", target_key="targets")
+    start, cpu = time.perf_counter(), time.process_time()
+    runner.train(
+        model=model,
+        criterion=nn.CrossEntropyLoss(),
+        optimizer=optimizer,
+        loaders=loaders,
+        callbacks=[accuracy, EpochClock(order=10_000)],
+        num_epochs=work.epochs,
     )
+    result = _lean_result(work, loaders, start, cpu, epochs)
+    return result.with_valid(runner.epoch_metrics["valid"])
 
 
-_CLASSES: dict[str, Any] = {}
+def _lean_result(
+    work: Workload, loaders: dict, start: float, cpu: float, epochs: list
+) -> RunResult:
+    loop, cpu = time.perf_counter() - start, time.process_time() - cpu
+    per_epoch = sum(len(loader) for loader in loaders.values())
+    steps = per_epoch * work.epochs
+    step_median = median(epochs) / per_epoch
+    return RunResult(loop / steps, step_median, cpu / steps, loop, steps, epoch_s=epochs)
 
 
-def _runner_class(dl: Any) -> type:
-    if "runner" not in _CLASSES:
-
-        class BenchRunner(dl.Runner):
-            def handle_batch(self, batch: Any) -> None:
-                x, y = batch
-                self.batch = {"features": x, "targets": y, "logits": self.model(x)}
-
-        _CLASSES["runner"] = BenchRunner
-    return _CLASSES["runner"]
+def run_loop(kind: str, work: Workload, model: str, lean: bool) -> RunResult:
+    """One quiet run of `kind` ("plain" or "ddprun") on the lean or the full workload."""
+    with tempfile.TemporaryDirectory(prefix=f"ddprun-bench-{kind}-") as logdir, quiet():
+        if lean:
+            result = (lean_plain if kind == "plain" else lean_ddprun)(work, model)
+        else:
+            result = (plain_train if kind == "plain" else ddprun_train)(work, model, logdir)
+    return result
 
 
-def _probe_callback(dl: Any) -> type:
-    """A callback that runs last at loader start and last at batch end: a `StepClock` driven
-    at the points the hand-written loop drives it."""
-    if "probe" not in _CLASSES:
-
-        class StepProbe(dl.Callback):
-            def __init__(self, clock: StepClock) -> None:
-                super().__init__(order=10_000)
-                self.clock = clock
-
-            def on_loader_start(self, runner: Any) -> None:
-                if runner.is_train_loader:
-                    self.clock.start()
-
-            def on_batch_end(self, runner: Any) -> None:
-                if runner.is_train_loader:
-                    self.clock.end(runner.loader_batch_step == runner.loader_batch_len)
-
-            def on_loader_end(self, runner: Any) -> None:
-                if runner.is_train_loader:
-                    self.clock.stop()
-
-        _CLASSES["probe"] = StepProbe
-    return _CLASSES["probe"]
+def alternate(runs: dict[str, Callable[[Workload], RunResult]], work: Workload, reps: int) -> dict:
+    """Whole runs of each kind in `runs` in this process, `reps` rounds in rotating order (no
+    kind always follows another) after one short warm-up run of each; kind -> its results."""
+    for run in runs.values():
+        run(replace(work, epochs=1, train_samples=min(work.train_samples, 2048)))
+    found: dict[str, list[RunResult]] = {kind: [] for kind in runs}
+    kinds = list(runs)
+    for rep in range(reps):
+        for kind in kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]:
+            found[kind].append(runs[kind](work))
+        log(
+            f"  round {rep + 1}/{reps}: "
+            + ", ".join(f"{k} {fmt_time(v[-1].step_median_s)}" for k, v in found.items())
+        )
+    return found
 
 
-# ---------------------------------------------------------------------- lockstep
-def lockstep(
-    plain: Callable[[Callable[[], None]], RunResult],
-    ours: Callable[[Callable[[], None]], RunResult],
-    every: int = 7,
-    first: str = "plain",
-) -> dict[str, RunResult]:
-    """Run `plain(pause)` and `ours(pause)` in two threads that take turns every `every` train
-    steps, `first` ("plain" or "ddprun") starting; returns ``{"plain": ..., "ddprun": ...}``.
+# ---------------------------------------------------------------------------- lockstep
+def lockstep(plain: Callable, ours: Callable, every: int = 7, first: str = "plain") -> dict:
+    """Run `plain(pause)` and `ours(pause)` in two threads taking turns every `every` train
+    steps, `first` starting; returns ``{"plain": RunResult, "ddprun": RunResult}``.
 
-    Two runs one after the other see different machine weather (on a shared 2-core box the step
-    time drifts by +-30% within a second); taking turns every few milliseconds puts both sides
-    under the same conditions, so their ratio is the framework's cost alone. Each side calls
-    `pause` after every train step and leaves the time spent in it out of its step times. Only
-    one side's Python runs at a time (background threads such as gloo's keep running); the turns
-    are the same on every rank of a process group, so both ranks issue the same collectives in
-    the same order.
-
-    What stays uneven, and which way: the first step after a turn finds the other side's data in
-    the caches (both sides); the side that starts pays the process's one-time warm-up (callers
-    alternate `first`); ddprun's stop agreement sees the other side's turns as longer steps and
-    so checks more often than in a run alone (against ddprun). The turn length, 7, is prime, so
-    the agreement's async all-reduce (every 1..64 batches) does not always end a turn and run in
-    the other side's time.
+    Turns of a few milliseconds see the same machine weather (RESULTS.md); each side calls
+    `pause` after every train step and leaves its time out. The turns are the same on every
+    rank, so ranks issue the same collectives in the same order. The side that starts pays the
+    warm-up: callers alternate `first` and pair the runs (`ratios(balanced=True)`).
     """
-    if first not in ("plain", "ddprun"):
-        raise ValueError(f"first must be 'plain' or 'ddprun', got {first!r}")
-    turn = {
-        "plain": threading.Semaphore(int(first == "plain")),
-        "ddprun": threading.Semaphore(int(first == "ddprun")),
-    }
+    turn = {side: threading.Semaphore(int(first == side)) for side in ("plain", "ddprun")}
     finished: set[str] = set()
     results: dict[str, RunResult] = {}
     errors: list[BaseException] = []
 
-    def pause_for(me: str, other: str) -> Callable[[], None]:
+    def side(me: str, other: str, train: Callable) -> None:
         steps = 0
 
         def pause() -> None:
@@ -483,12 +468,9 @@ def lockstep(
                 turn[other].release()
                 turn[me].acquire()
 
-        return pause
-
-    def side(me: str, other: str, train: Callable[[Callable[[], None]], RunResult]) -> None:
         turn[me].acquire()
         try:
-            results[me] = train(pause_for(me, other))
+            results[me] = train(pause)
         except BaseException as error:  # re-raised by the caller's thread
             errors.append(error)
         finally:
@@ -508,25 +490,26 @@ def lockstep(
     return results
 
 
-def order_balanced(ratios: Sequence[float]) -> list[float]:
-    """Per pair of lockstep runs (plain started the first, ddprun the second), the geometric
-    mean of their two ratios: the side that starts is measured a few percent slower in some
-    runs, and each pair cancels that."""
-    return [math.sqrt(a * b) for a, b in zip(ratios[0::2], ratios[1::2])]
-
-
-# ------------------------------------------------------------------------ helpers
-def _intervals(start: float, ends: Sequence[float]) -> list[float]:
-    """Each step's duration: from the previous step's end (the loader start for the first)."""
-    return [b - a for a, b in zip([start, *ends[:-1]], ends)]
-
-
+# ----------------------------------------------------------------------------- helpers
 def median(values: Sequence[float]) -> float:
-    return float(statistics.median(values)) if values else float("nan")
+    return float(statistics.median(values)) if values else math.nan
 
 
-def temp_logdir(prefix: str) -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix=f"ddprun-bench-{prefix}-")
+def ratios(
+    ours: Sequence, ref: Sequence, key: str = "step_median_s", balanced: bool = False
+) -> dict:
+    """Both sides' medians of `key` (an attribute or a dict key of each run) and the median,
+    min and max of the paired ratios ours / ref; `balanced`: of the geometric means of
+    consecutive pairs of ratios (lockstep runs, in which plain and ddprun start in turn)."""
+
+    def get(run: Any) -> float:
+        return run[key] if isinstance(run, dict) else getattr(run, key)
+
+    pairs = [get(o) / get(r) for o, r in zip(ours, ref)]
+    if balanced:  # the side that starts a lockstep run can come out a few percent slower
+        pairs = [math.sqrt(a * b) for a, b in zip(pairs[0::2], pairs[1::2])]
+    medians = {"ref": median([get(r) for r in ref]), "ours": median([get(o) for o in ours])}
+    return {**medians, "ratio": median(pairs), "ratio_min": min(pairs), "ratio_max": max(pairs)}
 
 
 def emit(result: dict[str, Any]) -> None:
@@ -535,11 +518,8 @@ def emit(result: dict[str, Any]) -> None:
 
 
 def parse_results(text: str) -> list[dict[str, Any]]:
-    return [
-        json.loads(line[len(RESULT_PREFIX) :])
-        for line in text.splitlines()
-        if line.startswith(RESULT_PREFIX)
-    ]
+    n = len(RESULT_PREFIX)
+    return [json.loads(line[n:]) for line in text.splitlines() if line.startswith(RESULT_PREFIX)]
 
 
 def fmt_time(seconds: float) -> str:
@@ -547,9 +527,7 @@ def fmt_time(seconds: float) -> str:
         return "n/a"
     if seconds < 1e-3:
         return f"{seconds * 1e6:.0f} us"
-    if seconds < 1:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds:.2f} s"
+    return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 def log(message: str) -> None:

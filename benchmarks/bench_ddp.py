@@ -1,26 +1,24 @@
 """Two processes on gloo: ``ddprun --nproc 2`` vs ``torchrun --standalone --nproc-per-node 2``.
 
-Runs, alternately and in rotating order, for each model:
+Per model, rounds in rotating order of: torchrun + the hand-written DDP script (reference),
+ddprun + the Runner (the user's path) and ddprun + the hand-written script (a control: the
+launcher alone). Reports rank 0's train time per step, the whole process (just before Popen to
+exit), the launcher process's own CPU time (not its workers') and the start-up (just before
+Popen to the first train batch, stamped with time.time() by `bench_common.StepClock`).
 
-- ``torchrun`` + the hand-written DDP script (the reference);
-- ``ddprun`` + the ddprun script (the user's path);
-- ``ddprun`` + the hand-written script (a control: the launcher alone);
-- ``ddprun`` + the ddprun script without the engine's in-loop stop agreement (full runs only;
-  prices that extra all-reduce; `--no-ablate-stop` leaves it out).
+Then `--lockstep-pairs` pairs of ``ddprun --nproc 2`` launches running both loops in one
+process group, taking turns every 7 train steps (`bench_common.lockstep`; plain starts one
+launch of a pair, ddprun the other): the step time of a 2-rank job drifts by +-30% between
+launches on a shared 2-core box, and turns of a few milliseconds see the same conditions.
 
-and reports the train time per step (rank 0), the whole-process wall time (just before Popen to
-exit), the launcher's own CPU time (the agent process alone, not its workers) and the start-up
-time (just before Popen to the moment the script is about to fetch its first training batch,
-stamped with time.time() by `bench_common.StepClock`).
+``--parts sync``: a ``ddprun --nproc 2`` job training with 1, 5 and 20 metric callbacks plus the
+loss; the Python-level torch.distributed collectives (not DDP's C++ gradient all-reduces) per
+batch and at each loader end of the second epoch, and their bytes (one reduction is tested).
 
-Then, per model, `--lockstep-pairs` pairs of launches of ``ddprun --nproc 2`` with the worker
-script in ``lockstep`` mode: the hand-written loop and the Runner in one process group, taking
-turns every 7 train steps (`bench_common.lockstep`; plain starts one launch of a pair, ddprun the
-other). On a shared 2-core machine the step time of a 2-rank gloo job drifts by +-30% from one
-second to the next, so two separate launches differ by that much whatever they run; taking turns
-every few milliseconds puts both sides under the same conditions.
+The launchers start this file as the worker (``--worker plain|ddprun|lockstep|sync``).
 
     python benchmarks/bench_ddp.py [--quick] [--reps N] [--lockstep-pairs N] [--models tiny,mlp]
+                                   [--parts separate,lockstep,sync]
 """
 
 from __future__ import annotations
@@ -33,83 +31,39 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import bench_common as bc
-import psutil
+import torch
 
-HERE = Path(__file__).resolve().parent
-SCRIPT = HERE / "ddp_script.py"
-COMBOS = (
-    ("torchrun", "plain"),
-    ("ddprun", "ddprun"),
-    ("ddprun", "plain"),
-)
-
-
-def _console_script(name: str, module: str) -> list[str]:
-    """The installed entry point next to this interpreter (not a pyenv shim, whose own start-up
-    would be counted), else ``python -m module``."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return [str(candidate)]
-    found = shutil.which(name)
-    if found and "shims" not in found:
-        return [found]
-    return [sys.executable, "-m", module]
+COMBOS = (("torchrun", "plain"), ("ddprun", "ddprun"), ("ddprun", "plain"))
+TARGETS = {"tiny": 1.10, "mlp": 1.03}
+SYNC_COUNTS = (1, 5, 20)
+NAMES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier", "reduce")
 
 
 def launcher_command(launcher: str, logdir: str) -> list[str]:
+    """The launcher's installed entry point next to this interpreter (not a pyenv shim, whose
+    own start-up would count), else ``python -m``."""
+    module = {"torchrun": "torch.distributed.run", "ddprun": "ddprun"}[launcher]
+    found = Path(sys.executable).parent / launcher
+    if not (found.is_file() and os.access(found, os.X_OK)):
+        found = shutil.which(launcher)
+    cmd = [str(found)] if found and "shims" not in str(found) else [sys.executable, "-m", module]
     if launcher == "torchrun":
-        return [
-            *_console_script("torchrun", "torch.distributed.run"),
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-        ]
-    return [*_console_script("ddprun", "ddprun"), "--nproc", "2", "--logdir", logdir]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"  # both launchers would pick 1 on two cores; make it explicit
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
-    return env
-
-
-def ddprun_runnable(timeout: float = 90.0) -> tuple[bool, str]:
-    """Whether ``ddprun --nproc 2`` starts two ranks and exits 0 on a trivial script."""
-    probe = (
-        "import os, pathlib, sys\n"
-        "pathlib.Path(sys.argv[1], 'rank' + os.environ.get('RANK', 'x')).write_text('ok')\n"
-    )
-    with tempfile.TemporaryDirectory(prefix="ddprun-bench-probe-") as folder:
-        script = Path(folder, "probe.py")
-        script.write_text(probe)
-        cmd = [*launcher_command("ddprun", str(Path(folder, "logs"))), str(script), folder]
-        try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=folder
-            )
-        except (OSError, subprocess.TimeoutExpired) as error:
-            return False, f"{' '.join(cmd[:3])} ... failed: {error}"
-        ranks = sorted(p.name for p in Path(folder).glob("rank*"))
-        if proc.returncode != 0 or ranks != ["rank0", "rank1"]:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            return False, f"exit {proc.returncode}, ranks seen {ranks}: {' | '.join(tail)}"
-    return True, ""
+        return [*cmd, "--standalone", "--nproc-per-node", "2"]
+    return [*cmd, "--nproc", "2", "--logdir", logdir]
 
 
 def _wait_measuring_cpu(proc: subprocess.Popen, timeout: float) -> tuple[int, float]:
-    """Wait for `proc`; return its exit code and the CPU time of the launcher process itself
-    (its workers are separate processes, not counted), read once it has exited but before it
-    is reaped, so its shutdown work is included."""
+    """Wait for `proc`; return its exit code and the launcher process's own CPU time, read
+    after it exited but before it is reaped (WNOWAIT), so its shutdown work counts."""
+    import psutil
+
     deadline = time.monotonic() + timeout
-    while True:
-        # WNOWAIT: learn that it exited, leaving the zombie (and its CPU times) in place
-        if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-            break
+    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
         if time.monotonic() > deadline:
             proc.kill()
             proc.wait()
@@ -117,32 +71,21 @@ def _wait_measuring_cpu(proc: subprocess.Popen, timeout: float) -> tuple[int, fl
         time.sleep(0.05)
     try:
         times = psutil.Process(proc.pid).cpu_times()
-        cpu = times.user + times.system
     except psutil.Error:
-        cpu = float("nan")
-    return proc.wait(), cpu
+        return proc.wait(), float("nan")
+    return proc.wait(), times.user + times.system
 
 
 def run_once(
-    launcher: str, mode: str, model: str, quick: bool, timeout: float, extra: Sequence[str] = ()
+    launcher: str, mode: str, model: str, quick: bool, timeout: float, *extra: str
 ) -> dict:
+    """One launch of this file as the worker; rank 0's result with the launch's timings."""
     with tempfile.TemporaryDirectory(prefix="ddprun-bench-ddp-") as folder:
         result_file = Path(folder, "result.json")
-        cmd = [
-            *launcher_command(launcher, str(Path(folder, "launcher-logs"))),
-            str(SCRIPT),
-            "--mode",
-            mode,
-            "--model",
-            model,
-            "--result",
-            str(result_file),
-            "--logdir",
-            str(Path(folder, "run")),
-            *(["--quick"] if quick else []),
-            *extra,
-        ]
-        env = _env()
+        cmd = [*launcher_command(launcher, str(Path(folder, "launcher-logs"))), __file__]
+        cmd += ["--worker", mode, "--models", model, "--result", str(result_file)]
+        cmd += ["--logdir", str(Path(folder, "run")), *(["--quick"] if quick else []), *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what both launchers pick on two cores
         with open(Path(folder, "output.log"), "w") as output:
             start = time.time()
             proc = subprocess.Popen(
@@ -150,181 +93,201 @@ def run_once(
             )
             code, launcher_cpu = _wait_measuring_cpu(proc, timeout)
             end = time.time()
+        tail = Path(folder, "output.log").read_text(errors="replace")[-2000:]
         if not result_file.exists():
-            tail = Path(folder, "output.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"{launcher} + {mode} script failed (exit {code}):\n{tail}")
+        if code != 0:  # rank 0 finished training but the job failed at exit
+            bc.log(f"  note: {launcher}+{mode} exited {code} after training: {tail[-200:]}")
         result = json.loads(result_file.read_text())
-        if code != 0:
-            # Training finished (rank 0 wrote its result) but the job failed at exit, e.g. the
-            # gloo teardown abort described in ddprun.distributed.shutdown_process_group.
-            tail = Path(folder, "output.log").read_text(errors="replace").strip().splitlines()
-            bc.log(f"  note: {launcher}+{mode} exited {code} after training: {tail[-1:]} ")
-    result["exit_code"] = code
-    result["process_wall_s"] = end - start
-    result["launcher_cpu_s"] = launcher_cpu
-    if mode == "lockstep":
-        return result
-    result["startup_s"] = result["first_step_time"] - start
-    result["to_script_start_s"] = result["script_start"] - start
+    result = result if isinstance(result, dict) else {"payload": result}
+    result.update(exit_code=code, process_wall_s=end - start, launcher_cpu_s=launcher_cpu)
+    if mode in ("plain", "ddprun"):
+        result["startup_s"] = result["first_step_time"] - start
     return result
+
+
+def count_collectives() -> dict[str, Any]:
+    """From now on, count the torch.distributed collectives in `NAMES` (any group) and the bytes
+    of the tensors handed to them: ``{"ops": [...], "bytes": n}``."""
+    counter: dict[str, Any] = {"ops": [], "bytes": 0}
+
+    def wrap(name: str, original: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            counter["ops"].append(name)
+            if args and isinstance(args[0], torch.Tensor):
+                counter["bytes"] += args[0].numel() * args[0].element_size()
+            return original(*args, **kwargs)
+
+        return counted
+
+    for name in NAMES:
+        setattr(torch.distributed, name, wrap(name, getattr(torch.distributed, name)))
+    return counter
+
+
+def through_runner(engine: Any, n: int, counter: dict[str, Any]) -> dict[str, Any]:
+    from torch import nn
+
+    from ddprun import dl
+
+    class LoaderCount(dl.Callback):
+        rows: list[dict[str, Any]] = []
+
+        def on_loader_start(self, runner: Any) -> None:
+            self.start = self.last = (len(counter["ops"]), counter["bytes"])
+
+        def on_batch_end(self, runner: Any) -> None:
+            self.last = (len(counter["ops"]), counter["bytes"])
+
+        def on_loader_end(self, runner: Any) -> None:
+            (last, last_bytes), batches = self.last, runner.loader_batch_step
+            row = {"epoch": runner.global_epoch_step, "loader": runner.loader_key}
+            row.update(batches=batches, per_batch=(last - self.start[0]) / max(batches, 1))
+            row.update(at_end=len(counter["ops"]) - last, ops=counter["ops"][last:])
+            self.rows.append({**row, "bytes": counter["bytes"] - last_bytes})
+
+    kinds = (dl.AccuracyCallback, dl.PrecisionRecallF1SupportCallback, dl.ConfusionMatrixCallback)
+    options = ({"topk_args": (1, 3)}, {"num_classes": 10}, {"num_classes": 10})
+    callbacks = {f"m{i}": kinds[i % 3]("logits", "targets", **options[i % 3]) for i in range(n)}
+    callbacks["criterion"] = dl.CriterionCallback(input_key="logits", target_key="targets")
+    callbacks["optimizer"] = dl.OptimizerCallback(metric_key="loss")
+    callbacks["_count"] = probe = LoaderCount(order=10_000)
+    # 16 train batches per rank: several stop agreements, counted per batch
+    work = bc.Workload(epochs=2, train_samples=2048, valid_samples=256)
+    torch.manual_seed(0)
+    model = bc.make_model("tiny")
+    with bc.quiet():
+        bc._classes()[0]().train(
+            model=model,
+            criterion=nn.CrossEntropyLoss(),
+            optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+            loaders=bc.make_loaders(work),
+            engine=engine,
+            callbacks=callbacks,
+            loggers={},
+            num_epochs=work.epochs,
+        )
+    record = {row["loader"]: row for row in probe.rows if row["epoch"] == 2}
+    return {"metric_callbacks": n, **record, "at_end": max(r["at_end"] for r in record.values())}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank of a launched job: the hand-written loop, the Runner, or both in lockstep."""
+    import torch.distributed as dist
+
+    from ddprun import dl
+
+    torch.set_num_threads(1)
+    work = bc.Workload().quick() if args.quick else bc.Workload()
+    logdir = Path(args.logdir) / args.worker
+    rank = int(os.environ.get("RANK", "0"))
+    with bc.quiet():
+        if args.worker == "sync":
+            engine = dl.DistributedDataParallelEngine(backend="gloo")
+            engine.teardown = lambda: None  # one group for every run: destroyed below
+            engine.setup()
+            counter = count_collectives()
+            payload = [through_runner(engine, n, counter) for n in SYNC_COUNTS]
+        elif args.worker == "ddprun":
+            engine = dl.DistributedDataParallelEngine(backend="gloo")
+            payload = asdict(bc.ddprun_train(work, args.models, logdir, engine, ddp=True))
+        else:
+            dist.init_process_group("gloo")
+            if args.worker == "plain":
+                payload = asdict(bc.plain_train(work, args.models, logdir, ddp=True))
+            else:
+
+                def ours(pause: object) -> bc.RunResult:
+                    engine = dl.DistributedDataParallelEngine(backend="gloo")
+                    engine.teardown = lambda: None  # the group is shared: destroyed below
+                    clock = bc.StepClock(pause)  # type: ignore[arg-type]
+                    return bc.ddprun_train(work, args.models, logdir, engine, True, clock)
+
+                def plain(pause: object) -> bc.RunResult:
+                    clock = bc.StepClock(pause)  # type: ignore[arg-type]
+                    return bc.plain_train(work, args.models, logdir / "plain", True, clock=clock)
+
+                results = bc.lockstep(plain, ours, 7, args.first)
+                payload = {side: asdict(result) for side, result in results.items()}
+    if rank == 0:  # before the hand loop's group teardown (ddprun's train did its own)
+        Path(args.result).write_text(json.dumps(payload))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def separate(model: str, reps: int, quick: bool, timeout: float, starts: dict) -> dict:
+    """`reps` rounds of the three launcher + script combinations, in rotating order."""
+    runs: dict[tuple[str, str], list[dict]] = {combo: [] for combo in COMBOS}
+    for rep in range(reps):
+        for combo in COMBOS[rep % 3 :] + COMBOS[: rep % 3]:
+            result = run_once(*combo, model, quick, timeout)
+            runs[combo].append(result)
+            starts[combo].append(result["startup_s"])
+            bc.log(
+                f"  ddp/{model} {rep + 1}/{reps} {'+'.join(combo)}: median step "
+                f"{bc.fmt_time(result['step_median_s'])}, start-up {result['startup_s']:.2f} s"
+            )
+    ref, ours, control = (runs[c] for c in COMBOS)
+    record = {"section": "ddp", "model": model, "reps": reps, "target": TARGETS[model]}
+    for name, key in (("step", "step_median_s"), ("cpu", "cpu_step_s")):
+        record[name] = bc.ratios(ours, ref, key)
+    record["wall"] = bc.ratios(ours, ref, "process_wall_s")
+    record["launcher_cpu"] = bc.ratios(ours, ref, "launcher_cpu_s")
+    record["control_cpu_s"] = bc.median([r["cpu_step_s"] for r in control])
+    record["control_wall_s"] = bc.median([r["process_wall_s"] for r in control])
+    return record
+
+
+def lockstep(model: str, pairs: int, quick: bool, timeout: float) -> dict:
+    """`pairs` pairs of lockstep launches (plain starts one of a pair, ddprun the other)."""
+    records = []
+    for run in range(2 * pairs):
+        first = ("plain", "ddprun")[run % 2]
+        records.append(run_once("ddprun", "lockstep", model, quick, timeout, "--first", first))
+        plain, ours = records[-1]["plain"], records[-1]["ddprun"]
+        bc.log(
+            f"  lockstep/{model} {run + 1}/{2 * pairs}: plain "
+            f"{bc.fmt_time(plain['step_median_s'])}, ddprun {bc.fmt_time(ours['step_median_s'])}"
+        )
+    plain, ours = [r["plain"] for r in records], [r["ddprun"] for r in records]
+    # both sides train the same model on the same data in the same group: the same result
+    same = all(abs(o["valid_loss"] - p["valid_loss"]) < 1e-4 for o, p in zip(ours, plain))
+    record = {"section": "ddp_lockstep", "model": model, "pairs": pairs, "every": 7}
+    record["step"] = bc.ratios(ours, plain, balanced=True)
+    return {**record, "target": TARGETS[model], "same_note": "" if same else "; **differs**"}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int, default=None, help="rounds (default 3, quick 2)")
+    parser.add_argument("--lockstep-pairs", type=int, default=None, help="(3, quick 1; 0: none)")
     parser.add_argument("--models", default=",".join(bc.MODELS))
     parser.add_argument("--timeout", type=float, default=300.0, help="per launch, seconds")
-    parser.add_argument(
-        "--ablate-stop",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also run ddprun without its in-loop stop agreement, to price that collective "
-        "(default: on, off with --quick)",
-    )
-    parser.add_argument(
-        "--lockstep-pairs",
-        type=int,
-        default=None,
-        help="pairs of lockstep launches per model, plain starting one and ddprun the other "
-        "(default 3, quick 1; 0: none)",
-    )
+    parser.add_argument("--parts", default="separate,lockstep,sync", help="what to run")
+    parser.add_argument("--worker", choices=("plain", "ddprun", "lockstep", "sync"))
+    parser.add_argument("--result", help="worker: rank 0 writes its JSON here")
+    parser.add_argument("--logdir", help="worker: the runs' logs and checkpoints")
+    parser.add_argument("--first", choices=("plain", "ddprun"), default="plain")
     args = parser.parse_args(argv)
-    if args.lockstep_pairs is None:
-        args.lockstep_pairs = 1 if args.quick else 3
-    if args.ablate_stop is None:
-        args.ablate_stop = not args.quick
-    combos = COMBOS + ((("ddprun", "ddprun-nostop"),) if args.ablate_stop else ())
-    ok, why = ddprun_runnable()
-    if not ok:
-        bc.log(f"skipped: ddprun --nproc 2 is not runnable yet ({why})")
-        bc.emit({"section": "ddp", "skipped": f"ddprun --nproc 2 not runnable: {why}"})
-        bc.emit({"section": "startup", "skipped": f"ddprun --nproc 2 not runnable: {why}"})
-        return
+    if args.worker:
+        return worker(args)
+    if "sync" in args.parts:
+        for record in run_once("ddprun", "sync", "tiny", False, args.timeout)["payload"]:
+            bc.emit({"section": "sync", **record})
     reps = args.reps or (2 if args.quick else 3)
-    startups: dict[tuple[str, str], list[float]] = {combo: [] for combo in combos}
-    script_starts: dict[tuple[str, str], list[float]] = {combo: [] for combo in combos}
-    for model in args.models.split(","):
-        runs: dict[tuple[str, str], list[dict]] = {combo: [] for combo in combos}
-        for rep in range(reps):
-            shift = rep % len(combos)
-            for combo in combos[shift:] + combos[:shift]:
-                result = run_once(*combo, model=model, quick=args.quick, timeout=args.timeout)
-                runs[combo].append(result)
-                startups[combo].append(result["startup_s"])
-                script_starts[combo].append(result["to_script_start_s"])
-                bc.log(
-                    f"  ddp/{model} rep {rep + 1}/{reps} {combo[0]}+{combo[1]}: "
-                    f"median step {bc.fmt_time(result['step_median_s'])}, "
-                    f"CPU/step {bc.fmt_time(result['cpu_step_s'])}, "
-                    f"wall {result['process_wall_s']:.2f} s, start-up {result['startup_s']:.2f} s"
-                )
-        ref, ours, ctl = (runs[c] for c in COMBOS)
-        ratios = [o["step_median_s"] / r["step_median_s"] for o, r in zip(ours, ref)]
-        mean_ratios = [o["step_s"] / r["step_s"] for o, r in zip(ours, ref)]
-        bc.emit(
-            {
-                "section": "ddp",
-                "model": model,
-                "reps": reps,
-                "steps": ours[0]["steps"],
-                "torchrun_step_s": bc.median([r["step_median_s"] for r in ref]),
-                "ddprun_step_s": bc.median([r["step_median_s"] for r in ours]),
-                "ddprun_plain_step_s": bc.median([r["step_median_s"] for r in ctl]),
-                "ratio": bc.median(ratios),
-                "ratio_min": min(ratios),
-                "ratio_max": max(ratios),
-                "mean_ratio": bc.median(mean_ratios),
-                "torchrun_cpu_step_s": bc.median([r["cpu_step_s"] for r in ref]),
-                "ddprun_cpu_step_s": bc.median([r["cpu_step_s"] for r in ours]),
-                "ddprun_plain_cpu_step_s": bc.median([r["cpu_step_s"] for r in ctl]),
-                "cpu_ratio": bc.median(
-                    [o["cpu_step_s"] / r["cpu_step_s"] for o, r in zip(ours, ref)]
-                ),
-                "torchrun_wall_s": bc.median([r["process_wall_s"] for r in ref]),
-                "ddprun_wall_s": bc.median([r["process_wall_s"] for r in ours]),
-                "ddprun_plain_wall_s": bc.median([r["process_wall_s"] for r in ctl]),
-                "wall_ratio": bc.median(
-                    [o["process_wall_s"] / r["process_wall_s"] for o, r in zip(ours, ref)]
-                ),
-                "torchrun_launcher_cpu_s": bc.median([r["launcher_cpu_s"] for r in ref]),
-                "ddprun_launcher_cpu_s": bc.median([r["launcher_cpu_s"] for r in ours]),
-                "target": {"tiny": 1.10, "mlp": 1.03}[model],
-                "failed_exits": {
-                    f"{c[0]}+{c[1]}": sum(r["exit_code"] != 0 for r in runs[c]) for c in combos
-                },
-                **(
-                    {
-                        "ddprun_nostop_step_s": bc.median(
-                            [r["step_median_s"] for r in runs[combos[3]]]
-                        ),
-                        "ddprun_nostop_cpu_step_s": bc.median(
-                            [r["cpu_step_s"] for r in runs[combos[3]]]
-                        ),
-                    }
-                    if args.ablate_stop
-                    else {}
-                ),
-                "quick": args.quick,
-            }
-        )
-        if args.lockstep_pairs:
-            lockstep(model, 2 * args.lockstep_pairs, args.quick, args.timeout)
-    ref, ours, ctl = (bc.median(startups[c]) for c in COMBOS)
-    bc.emit(
-        {
-            "section": "startup",
-            "runs_per_combo": len(startups[COMBOS[0]]),
-            "torchrun_plain_s": ref,
-            "ddprun_ddprun_s": ours,
-            "ddprun_plain_s": ctl,
-            "delta_s": ours - ref,
-            "launcher_delta_s": ctl - ref,
-            "torchrun_script_start_s": bc.median(script_starts[COMBOS[0]]),
-            "ddprun_script_start_s": bc.median(script_starts[COMBOS[1]]),
-            "target_delta_s": 0.5,
-        }
-    )
-
-
-def lockstep(model: str, runs: int, quick: bool, timeout: float) -> None:
-    """`runs` launches of ``ddprun --nproc 2`` + the lockstep worker; emits the per-step ratio."""
-    records = []
-    for run in range(runs):
-        first = ("plain", "ddprun")[run % 2]  # the side that starts pays the warm-up
-        result = run_once("ddprun", "lockstep", model, quick, timeout, ("--first", first))
-        plain, ours = result["plain"], result["ddprun"]
-        records.append(result)
-        bc.log(
-            f"  ddp-lockstep/{model} run {run + 1}/{runs}: median step plain "
-            f"{bc.fmt_time(plain['step_median_s'])}, ddprun {bc.fmt_time(ours['step_median_s'])}"
-            f" (x{ours['step_median_s'] / plain['step_median_s']:.3f})"
-        )
-    ratios = bc.order_balanced(
-        [r["ddprun"]["step_median_s"] / r["plain"]["step_median_s"] for r in records]
-    )
-    mean_ratios = [r["ddprun"]["step_s"] / r["plain"]["step_s"] for r in records]
-    bc.emit(
-        {
-            "section": "ddp_lockstep",
-            "model": model,
-            "runs": runs,
-            "every": records[0]["every"],
-            "steps": records[0]["ddprun"]["steps"],
-            "plain_step_s": bc.median([r["plain"]["step_median_s"] for r in records]),
-            "ddprun_step_s": bc.median([r["ddprun"]["step_median_s"] for r in records]),
-            "ratio": bc.median(ratios),
-            "ratio_min": min(ratios),
-            "ratio_max": max(ratios),
-            "mean_ratio": bc.median(mean_ratios),
-            # both sides train the same model on the same data in the same group: same result
-            "same_valid_loss": all(
-                abs(r["plain"]["valid_loss"] - r["ddprun"]["valid_loss"]) < 1e-4 for r in records
-            ),
-            "target": {"tiny": 1.10, "mlp": 1.03}[model],
-            "quick": quick,
-        }
-    )
+    pairs = args.lockstep_pairs if args.lockstep_pairs is not None else (1 if args.quick else 3)
+    starts: dict[tuple[str, str], list[float]] = {combo: [] for combo in COMBOS}
+    for model in args.models.split(",") if "separate" in args.parts else ():
+        bc.emit(separate(model, reps, args.quick, args.timeout, starts))
+        if pairs and "lockstep" in args.parts:
+            bc.emit(lockstep(model, pairs, args.quick, args.timeout))
+    if "separate" not in args.parts:
+        return
+    ref, ours, control = (bc.median(starts[c]) for c in COMBOS)
+    record = {"section": "startup", "runs": len(starts[COMBOS[0]]), "target_delta_s": 0.5}
+    record.update(torchrun_s=ref, ddprun_s=ours, control_s=control)
+    bc.emit({**record, "delta_s": ours - ref, "launcher_delta_s": control - ref})
 
 
 if __name__ == "__main__":

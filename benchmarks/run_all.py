@@ -1,32 +1,22 @@
 """Run every benchmark and print one markdown table: ddprun next to plain PyTorch / torchrun,
 with the ratios and the targets.
 
-    python benchmarks/run_all.py [--quick] [--only single,ddp,import,sync,gpu,frameworks]
-                                 [--json out.json] [--record benchmarks/RESULTS.md]
+    python benchmarks/run_all.py [--quick] [--only single,fresh,ddp,import,sync,gpu]
+                                 [--record benchmarks/RESULTS.md]
 
-Sections (each runs as its own subprocess, so one crashing does not hide the others):
+Each section runs as its own subprocess (one crashing does not hide the others): ``single`` and
+``fresh`` (bench_single.py: runs alternating in one process / in fresh processes), ``ddp``
+(bench_ddp.py: two gloo processes, launcher start-up; alias ``startup``), ``import``,
+``sync`` (bench_ddp.py: collectives per loader end) and ``gpu`` ("skipped: no GPU" without CUDA).
 
-- ``single``: per-step overhead in one process, tiny linear and MLP (bench_single.py);
-- ``ddp``: ``ddprun --nproc 2`` vs ``torchrun --nproc-per-node 2`` per step, whole-process wall
-  time, and launcher start-up to the first training step (bench_ddp.py; ``startup`` is an alias);
-- ``import``: ``import ddprun`` / ``from ddprun import dl`` over ``import torch`` (bench_import.py);
-- ``sync``: collectives and bytes per loader end for 1, 5, 20 metrics on 2 gloo ranks
-  (bench_sync.py);
-- ``gpu``: plain vs ddprun throughput and host syncs per step, fp32/bf16/fp16 (bench_gpu.py;
-  "skipped: no GPU" without CUDA);
-- ``frameworks``: rows for PyTorch Lightning / Accelerate / Ignite only when importable
-  (bench_frameworks.py).
-
-``--record FILE`` replaces the block between ``<!-- results:start -->`` and
-``<!-- results:end -->`` in FILE (creating it if needed) with the machine, date, torch version,
-command and table, and leaves the rest of the file (notes, analysis) alone.
+The table is data: `ROWS`, rows of format strings over each result record. ``--record FILE``
+replaces the block between the ``results`` markers in FILE and leaves the rest alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -34,7 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -42,329 +32,178 @@ sys.path.insert(0, str(HERE))
 import bench_common as bc  # noqa: E402
 
 SECTIONS = {
-    "single": "bench_single.py",
-    "ddp": "bench_ddp.py",
-    "import": "bench_import.py",
-    "sync": "bench_sync.py",
-    "gpu": "bench_gpu.py",
-    "frameworks": "bench_frameworks.py",
+    "single": ["bench_single.py", "--methods", "alternate"],
+    "fresh": ["bench_single.py", "--methods", "fresh"],
+    "ddp": ["bench_ddp.py", "--parts", "separate,lockstep"],
+    "import": ["bench_import.py"],
+    "sync": ["bench_ddp.py", "--parts", "sync"],
+    "gpu": ["bench_gpu.py"],
 }
 ALIASES = {"startup": "ddp", "distributed": "ddp", "metrics": "sync"}
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
+class Row(NamedTuple):
+    """A row per record of `section` (and only if its `when` key is set): label and cells are
+    format strings over the record; `met` = (value, limit), each a key or a number."""
+
+    section: str
+    label: str
+    ref: str = ""
+    ours: str = ""
+    vs: str = ""
+    target: str = ""
+    met: tuple[str, str | float] | None = None
+    when: str | None = None
+
+
+P1, P2 = "1 process, {model}", "2 procs gloo, {model}"
+FRESH = P1 + ", fresh processes ({reps} pairs, {workload} workload)"
+ROWS = [
+    Row("single", P1 + ": train time per step, runs alternating in one process ({reps} pairs, "
+        "{workload} workload)", "{step[ref]:t}", "{step[ours]:t}", "{step:r}",
+        "<= {target:.2f}", ("step", "target"), when="wall"),
+    Row("single", P1 + ": process CPU time per train step, alternating", "{cpu[ref]:t}",
+        "{cpu[ours]:t}", "{cpu[ratio]:x}", when="wall"),
+    Row("single", FRESH + ": time per batch (training call / batches)", "{step[ref]:t}",
+        "{step[ours]:t}", "{step:r}", "<= {target:.2f}", ("step", "target"), when="process"),
+    Row("single", FRESH + ": time per batch, epochs after the first", "{later[ref]:t}",
+        "{later[ours]:t}", "{later:r}", when="later"),
+    Row("single", FRESH + ": process CPU time per batch", "{cpu[ref]:t}", "{cpu[ours]:t}",
+        "{cpu[ratio]:x}", when="process"),
+    Row("single", FRESH + ": whole process, start to exit (imports included)",
+        "{process[ref]:.2f} s", "{process[ours]:.2f} s", "{process:r}", when="process"),
+    Row("ddp", P2 + ": train time per step, separate launches (torchrun+plain vs ddprun+ddprun; "
+        "{reps} rounds)", "{step[ref]:t}", "{step[ours]:t}", "{step:r}", "<= {target:.2f}",
+        ("step", "target")),
+    Row("ddp", P2 + ": process CPU time per train step, rank 0 (ddprun+plain script: "
+        "{control_cpu_s:t})", "{cpu[ref]:t}", "{cpu[ours]:t}", "{cpu[ratio]:x}"),
+    Row("ddp", P2 + ": CPU time of the launcher process itself (not its workers)",
+        "{launcher_cpu[ref]:.2f} s", "{launcher_cpu[ours]:.2f} s", "{launcher_cpu[ratio]:x}"),
+    Row("ddp", P2 + ": whole process, launcher start to exit", "{wall[ref]:.2f} s",
+        "{wall[ours]:.2f} s", "{wall[ratio]:x} (ddprun+plain script: {control_wall_s:.2f} s)"),
+    Row("ddp_lockstep", P2 + ": train time per step, lockstep (hand-written DDP loop and Runner "
+        "in one `ddprun --nproc 2` job, turns every {every} steps; {pairs} pairs of launches)",
+        "{step[ref]:t}", "{step[ours]:t}", "{step:r}{same_note}", "<= {target:.2f}",
+        ("step", "target")),
+    Row("startup", "start-up: launcher start to first train step (torchrun+plain vs "
+        "ddprun+ddprun; {runs} runs)", "{torchrun_s:.2f} s", "{ddprun_s:.2f} s",
+        "{delta_s:+.2f} s", "<= +{target_delta_s:.1f} s", ("delta_s", "target_delta_s")),
+    Row("startup", "start-up, launcher alone (ddprun + the plain script)", "{torchrun_s:.2f} s",
+        "{control_s:.2f} s", "{launcher_delta_s:+.2f} s"),
+    Row("import", "import: `from ddprun import dl` beyond torch's own import (a fresh "
+        "interpreter imports torch, then ddprun; median of {reps})", "", "+{increment_s:.3f} s",
+        "slowest: {slowest:list}", "<= +{target_delta_s:.1f} s",
+        ("increment_s", "target_delta_s")),
+    Row("import", "import: `from ddprun import dl` vs `import torch`, whole fresh interpreters",
+        "{torch_s:.3f} s", "{dl_s:.3f} s", "{delta_s:+.3f} s (median of paired differences)",
+        "<= +{target_delta_s:.1f} s", ("delta_s", "target_delta_s")),
+    Row("sync", "loader end through Runner, {metric_callbacks} metric callbacks + loss: "
+        "torch.distributed collectives (2 gloo ranks)", "", "train: {train[at_end]} at the end "
+        "({train[ops]:list}, {train[bytes]} B), {train[per_batch]:.3g} per batch; valid: "
+        "{valid[at_end]} ({valid[bytes]} B)", "", "1 per loader end", ("at_end", 1)),
+    Row("gpu", "{device}, {model} {precision}, batch {batch_size}: samples/s; host syncs per "
+        "step", "{plain_samples_per_s:.0f}; {plain_syncs:.2f}",
+        "{ddprun_samples_per_s:.0f}; {ddprun_syncs:.2f}", "{ratio:x} time"),
+]  # fmt: skip
+
+
+class _Value:
+    """A record value in a format string: ``:t`` a time, ``:x`` a ratio, ``:r`` a paired
+    ratio with its range, ``:list`` a list; None shows as n/a."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __getitem__(self, key: str) -> _Value:
+        return _Value(self.value[key])
+
+    def __format__(self, spec: str) -> str:
+        value = self.value
+        if value is None:
+            return "n/a"
+        if spec == "r":
+            return f"x{value['ratio']:.3f} ({value['ratio_min']:.2f}-{value['ratio_max']:.2f})"
+        if spec == "list":
+            return ", ".join(map(str, value))
+        if spec == "t":
+            return bc.fmt_time(value)
+        return f"x{value:.3f}" if spec == "x" else format(value, spec)
+
+
+def _met(row: Row, record: dict[str, Any]) -> str:
+    if row.met is None:
+        return ""
+    value, limit = (record[k] if isinstance(k, str) else k for k in row.met)
+    if isinstance(value, dict):  # a paired ratio: say so when only some pairs meet the target
+        if value["ratio"] <= limit:
+            return "yes"
+        return "**no** (runs spread across the target)" if value["ratio_min"] <= limit else "**no**"
+    return "yes" if value <= limit else "**no**"
+
+
+def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
+    """The markdown table of `results` (in their order, each by its `ROWS`) and `errors`."""
+    lines = [
+        "| Benchmark | Reference | ddprun | ddprun vs reference | Target | Met |",
+        "|---" * 6 + "|",
+    ]
+    for record in results:
+        if "skipped" in record:
+            lines.append(f"| {record['section']} |  |  | skipped: {record['skipped']} |  |  |")
+            continue
+        view = {key: _Value(value) for key, value in record.items()}
+        for row in ROWS:
+            if row.section == record["section"] and (not row.when or record.get(row.when)):
+                cells = [c.format_map(view) for c in row[1:6]]
+                lines.append("| " + " | ".join([*cells, _met(row, record)]) + " |")
+    lines += [f"| error |  |  | {error.replace('|', '/')} |  |  |" for error in errors]
+    return "\n".join(lines)
+
+
 def run_section(name: str, quick: bool, timeout: float) -> tuple[list[dict[str, Any]], str]:
     """Run one benchmark script; return its result records and an error line ('' if fine)."""
-    cmd = [sys.executable, str(HERE / SECTIONS[name]), *(["--quick"] if quick else [])]
-    bc.log(f"== {name}: {' '.join(Path(c).name if i < 2 else c for i, c in enumerate(cmd))}")
+    script, *args = SECTIONS[name]
+    cmd = [sys.executable, str(HERE / script), *args, *(["--quick"] if quick else [])]
+    bc.log(f"== {name}: {script} {' '.join(cmd[2:])}")
     start = time.perf_counter()
     try:
         proc = subprocess.run(
-            cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout, cwd=HERE.parent
+            cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, cwd=HERE.parent
         )
     except subprocess.TimeoutExpired:
         return [], f"{name}: timed out after {timeout:.0f} s"
-    results = bc.parse_results(proc.stdout)
     bc.log(f"== {name}: {time.perf_counter() - start:.1f} s, exit {proc.returncode}")
+    results = bc.parse_results(proc.stdout)
     if proc.returncode != 0:
         tail = " | ".join(proc.stdout.strip().splitlines()[-3:])
         return results, f"{name}: exit {proc.returncode} {tail}"
     return results, ""
 
 
-# ------------------------------------------------------------------------- table
-def _ms(seconds: float) -> str:
-    return bc.fmt_time(seconds)
-
-
-def _met(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("yes" if ok else "**no**")
-
-
-def _met_spread(r: dict[str, Any]) -> str:
-    """Met, for a ratio whose runs spread across the target: say so rather than yes or no."""
-    if r["ratio"] <= r["target"]:
-        return "yes"
-    if r["ratio_min"] <= r["target"]:
-        return "**no** (runs spread across the target)"
-    return "**no**"
-
-
-def _ratio_cell(r: dict[str, Any]) -> str:
-    return f"x{r['ratio']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
-
-
-def table(results: Sequence[dict[str, Any]], errors: Sequence[str]) -> str:
-    rows: list[tuple[str, ...]] = []
-
-    def add(row: tuple[str, ...]) -> None:
-        # informational rows leave the target and met cells empty
-        rows.append(tuple(row) + ("",) * (6 - len(row)))
-
-    for r in results:
-        section = r.get("section")
-        if "skipped" in r:
-            add((f"{section}", "", "", f"skipped: {r['skipped']}", "", ""))
-            continue
-        if section == "single":
-            add(
-                (
-                    f"1 process, {r['model']}: train time per step (median, {r['reps']} pairs)",
-                    _ms(r["plain_step_s"]),
-                    _ms(r["ddprun_step_s"]),
-                    _ratio_cell(r),
-                    f"<= {r['target']:.2f}",
-                    _met(r["ratio"] <= r["target"]),
-                )
-            )
-            add(
-                (
-                    f"1 process, {r['model']}: process CPU time per train step",
-                    _ms(r["plain_cpu_step_s"]),
-                    _ms(r["ddprun_cpu_step_s"]),
-                    f"x{r['cpu_ratio']:.3f}",
-                )
-            )
-            add(
-                (
-                    f"1 process, {r['model']}: train-loader time / steps",
-                    _ms(r["plain_mean_step_s"]),
-                    _ms(r["ddprun_mean_step_s"]),
-                    f"x{r['mean_ratio']:.3f}",
-                )
-            )
-            add(
-                (
-                    f"1 process, {r['model']}: whole run ({r['workload']['epochs']} epochs)",
-                    f"{r['plain_wall_s']:.2f} s",
-                    f"{r['ddprun_wall_s']:.2f} s",
-                    f"x{r['wall_ratio']:.3f}",
-                )
-            )
-        elif section == "ddp":
-            add(
-                (
-                    f"2 procs gloo, {r['model']}: train time per step, separate launches "
-                    f"(torchrun+plain vs ddprun+ddprun; {r['reps']} rounds)",
-                    _ms(r["torchrun_step_s"]),
-                    _ms(r["ddprun_step_s"]),
-                    _ratio_cell(r),
-                    f"<= {r['target']:.2f}",
-                    _met_spread(r),
-                )
-            )
-            add(
-                (
-                    f"2 procs gloo, {r['model']}: process CPU time per train step, rank 0 "
-                    f"(ddprun+plain script: {_ms(r['ddprun_plain_cpu_step_s'])})",
-                    _ms(r["torchrun_cpu_step_s"]),
-                    _ms(r["ddprun_cpu_step_s"]),
-                    f"x{r['cpu_ratio']:.3f}",
-                )
-            )
-            if "ddprun_nostop_step_s" in r:
-                add(
-                    (
-                        f"2 procs gloo, {r['model']}: ddprun without its in-loop stop agreement"
-                        " (median step; CPU per step)",
-                        f"{_ms(r['torchrun_step_s'])}; {_ms(r['torchrun_cpu_step_s'])}",
-                        f"{_ms(r['ddprun_nostop_step_s'])}; {_ms(r['ddprun_nostop_cpu_step_s'])}",
-                        f"x{r['ddprun_nostop_step_s'] / r['torchrun_step_s']:.3f}; "
-                        f"x{r['ddprun_nostop_cpu_step_s'] / r['torchrun_cpu_step_s']:.3f}",
-                    )
-                )
-            add(
-                (
-                    f"2 procs gloo, {r['model']}: CPU time of the launcher process itself "
-                    "(agent, not its workers)",
-                    f"{r['torchrun_launcher_cpu_s']:.2f} s",
-                    f"{r['ddprun_launcher_cpu_s']:.2f} s",
-                    f"x{r['ddprun_launcher_cpu_s'] / r['torchrun_launcher_cpu_s']:.3f}",
-                )
-            )
-            add(
-                (
-                    f"2 procs gloo, {r['model']}: whole process, launcher start to exit",
-                    f"{r['torchrun_wall_s']:.2f} s",
-                    f"{r['ddprun_wall_s']:.2f} s",
-                    f"x{r['wall_ratio']:.3f} (ddprun+plain script: "
-                    f"{r['ddprun_plain_wall_s']:.2f} s)",
-                )
-            )
-        elif section == "ddp_lockstep":
-            add(
-                (
-                    f"2 procs gloo, {r['model']}: train time per step, lockstep (hand-written "
-                    f"DDP loop and Runner in one `ddprun --nproc 2` job, turns every "
-                    f"{r['every']} steps; {r['runs'] // 2} pairs of launches)",
-                    _ms(r["plain_step_s"]),
-                    _ms(r["ddprun_step_s"]),
-                    _ratio_cell(r) + ("" if r["same_valid_loss"] else "; **valid loss differs**"),
-                    f"<= {r['target']:.2f}",
-                    _met_spread(r),
-                )
-            )
-        elif section == "startup":
-            add(
-                (
-                    "start-up: launcher start to first train step (torchrun+plain vs "
-                    f"ddprun+ddprun; {r['runs_per_combo']} runs)",
-                    f"{r['torchrun_plain_s']:.2f} s",
-                    f"{r['ddprun_ddprun_s']:.2f} s",
-                    f"{r['delta_s']:+.2f} s",
-                    f"<= +{r['target_delta_s']:.1f} s",
-                    _met(r["delta_s"] <= r["target_delta_s"]),
-                )
-            )
-            add(
-                (
-                    "start-up, launcher alone (ddprun + the plain script)",
-                    f"{r['torchrun_plain_s']:.2f} s",
-                    f"{r['ddprun_plain_s']:.2f} s",
-                    f"{r['launcher_delta_s']:+.2f} s",
-                )
-            )
-        elif section == "import":
-            dl = r["statement"] != "import ddprun"
-            if not dl:
-                add(
-                    (
-                        f"import: `{r['statement']}` (fresh interpreters, median of {r['reps']})",
-                        f"{r['torch_s']:.3f} s (`import torch`)",
-                        f"{r['fresh_s']:.3f} s",
-                        "does not import torch",
-                        f"<= +{r['target_delta_s']:.1f} s",
-                        _met(r["fresh_s"] <= r["target_delta_s"]),
-                    )
-                )
-                continue
-            add(
-                (
-                    f"import: `{r['statement']}` beyond torch's own import (fresh interpreter "
-                    f"imports torch, then ddprun; median of {r['reps']})",
-                    "",
-                    f"+{r['increment_s']:.3f} s",
-                    f"slowest: {', '.join(name for name, _ in r['slowest_extra_modules'][:3])}",
-                    f"<= +{r['target_delta_s']:.1f} s",
-                    _met(r["increment_s"] <= r["target_delta_s"]),
-                )
-            )
-            add(
-                (
-                    f"import: `{r['statement']}` vs `import torch`, whole fresh interpreters "
-                    "(torch's own import time swings by +-0.1 s between runs)",
-                    f"{r['torch_s']:.3f} s",
-                    f"{r['fresh_s']:.3f} s",
-                    f"{r['delta_s']:+.3f} s (median of paired differences)",
-                    f"<= +{r['target_delta_s']:.1f} s",
-                    _met(r["delta_s"] <= r["target_delta_s"]),
-                )
-            )
-        elif section == "sync" and r["kind"] == "direct":
-            add(
-                (
-                    f"metric sync, {r['metrics']} metrics ({r['states']} states), 2 gloo ranks: "
-                    "collectives / bytes / time",
-                    f"{r['states']} / - / {_ms(r['naive_sync_s'])} (one per state)",
-                    f"{r['collectives']} / {r['bytes']} B / {_ms(r['sync_s'])}",
-                    " + ".join(r["ops"]),
-                    "1 collective",
-                    _met(r["collectives"] <= r["target_collectives"]),
-                )
-            )
-        elif section == "sync" and r["kind"] == "runner":
-            per = r["per_loader"]
-            worst = max(p["dist_at_end"] for p in per)
-            cells = "; ".join(
-                f"{p['loader']}: {p['dist_at_end']} ({' + '.join(p['dist_ops_at_end'])}), "
-                f"of which metric sync {p['collectives']} ({p['bytes']} B); "
-                f"{p['dist_per_batch']:.3g} per batch over {p['batches']} batches"
-                for p in per
-            )
-            first = r.get("first_epoch") or []
-            if first:
-                cells += (
-                    " (first epoch of a run: "
-                    + ", ".join(f"{p['loader']} {p['dist_at_end']}" for p in first)
-                    + ", the key agreement)"
-                )
-            add(
-                (
-                    f"loader end through Runner, {r['metric_callbacks']} metric callbacks + loss:"
-                    " torch.distributed collectives per loader end",
-                    "",
-                    cells,
-                    "",
-                    "1 per loader end",
-                    _met(worst <= r["target_collectives"]),
-                )
-            )
-        elif section == "gpu":
-            syncs = (
-                f"{r['plain_syncs_per_step']:.2f} vs {r['ddprun_syncs_per_step']:.2f} syncs/step"
-                if r["plain_syncs_per_step"] is not None
-                else "syncs not counted"
-            )
-            add(
-                (
-                    f"{r['device']}, {r['model']} {r['precision']}, batch {r['batch_size']}: "
-                    "samples/s",
-                    f"{r['plain_samples_per_s']:.0f}",
-                    f"{r['ddprun_samples_per_s']:.0f}",
-                    f"x{r['ratio']:.3f} time; {syncs}",
-                )
-            )
-        elif section == "frameworks":
-            add(
-                (
-                    f"{r['framework']}, {r['model']}: train time per step",
-                    _ms(r["plain_step_s"]),
-                    _ms(r["framework_step_s"]),
-                    f"x{r['ratio']:.3f} (vs plain; ddprun x{r['ddprun_ratio']:.3f})",
-                )
-            )
-    for error in errors:
-        add(("error", "", "", error.replace("|", "/"), "", ""))
-    header = ("Benchmark", "Reference", "ddprun", "ddprun vs reference", "Target", "Met")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def machine() -> dict[str, str]:
+    """Where and what ran: CPU, cores, python, torch, CUDA device, commit, load average."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        commit = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=HERE.parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        commit = ""
+    info = Path("/proc/cpuinfo").read_text().splitlines() if os.path.exists("/proc/cpuinfo") else []
+    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor() or platform.machine()
+    git = ["git", "describe", "--always", "--dirty"]
+    commit = subprocess.run(git, cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
     return {
         "commit": commit or "unknown",
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": f"{cpu}, {cores} cores, {platform.system()} {platform.release()}",
+        "machine": f"{cpu}, {len(os.sched_getaffinity(0))} cores, {platform.system()} "
+        f"{platform.release()}",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "load": ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "",
+        "load": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
 def record(path: Path, block: str) -> None:
+    """Replace the block between the markers in `path` (append one if there is none)."""
     text = path.read_text() if path.exists() else "# ddprun benchmarks\n\n"
     new = f"{START}\n{block}\n{END}"
     if START in text and END in text:
@@ -379,38 +218,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small workloads, few repetitions")
     parser.add_argument("--only", default="", help=f"comma list of {', '.join(SECTIONS)}")
-    parser.add_argument("--json", default=None, help="also write all result records here")
     parser.add_argument("--record", default=None, help="update this RESULTS.md block")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per section, seconds")
     args = parser.parse_args(argv)
     wanted = [ALIASES.get(s, s) for s in args.only.split(",") if s] or list(SECTIONS)
-    unknown = [s for s in wanted if s not in SECTIONS]
-    if unknown:
+    if unknown := [s for s in wanted if s not in SECTIONS]:
         parser.error(f"unknown section(s) {unknown}; expected {list(SECTIONS)}")
     info = machine()
-    load_before = info["load"]
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
     errors: list[str] = []
     for name in dict.fromkeys(wanted):
         found, error = run_section(name, args.quick, args.timeout)
         results += found
-        if error:
-            errors.append(error)
-    elapsed = time.perf_counter() - started
-    info["load"] = f"{load_before} before, {machine()['load']} after"
+        errors += [error] if error else []
+    info["load"] += f" before, {machine()['load']} after"
     command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "")
     command += f" --only {args.only}" if args.only else ""
     summary = (
         f"- date: {info['date']}\n- machine: {info['machine']}\n"
         f"- python {info['python']}, torch {info['torch']}, CUDA device: {info['cuda']}\n"
-        f"- ddprun commit: {info['commit']}\n"
-        f"- load average (1/5/15 min): {info['load']}\n"
-        f"- command: `{command}` ({elapsed:.0f} s)\n\n{table(results, errors)}"
+        f"- ddprun commit: {info['commit']}\n- load average (1/5/15 min): {info['load']}\n"
+        f"- command: `{command}` ({time.perf_counter() - started:.0f} s)\n\n"
+        + table(results, errors)
     )
     print(summary, flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "results": results}, indent=1))
     if args.record:
         record(Path(args.record), summary)
     return 1 if errors else 0
