@@ -91,7 +91,10 @@ def any2device(value: Any, device: str | torch.device) -> Any:
 def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value if value.device == device else value.to(device, non_blocking=True)
-    if isinstance(value, Mapping):
+    kind = type(value)
+    if kind is tuple or kind is list:  # plain containers first: no ABC isinstance check
+        return kind([_to_device(v, device) for v in value])
+    if kind is dict or isinstance(value, Mapping):
         return {k: _to_device(v, device) for k, v in value.items()}
     if isinstance(value, tuple) and hasattr(value, "_fields"):
         return type(value)(*(_to_device(v, device) for v in value))

@@ -20,6 +20,8 @@ class BatchKeyError(KeyError):
 def batch_value(runner: IRunner, key: str, owner: str) -> Any:
     """``runner.batch[key]`` or an error naming the key, the callback and the keys present."""
     batch = runner.batch
+    if type(batch) is dict and key in batch:  # the per-batch case: no ABC isinstance check
+        return batch[key]
     if not isinstance(batch, Mapping):
         raise BatchKeyError(
             f"{owner} reads runner.batch[{key!r}], but runner.batch is a {type(batch).__name__}; "

@@ -101,6 +101,7 @@ class MetricAggregationCallback(Callback):
             return
         metrics = dict(runner.loader_metrics)
         for key, average in self._averages.items():
+            average.fold_pending()  # its sample count is kept on the host between batches
             if key not in metrics and float(average.num_samples) > 0:
                 metrics[key] = average.compute()[0]
         runner.loader_metrics[self.metric_key] = float(

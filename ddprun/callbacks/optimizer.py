@@ -110,18 +110,24 @@ class OptimizerCallback(Callback):
         if not runner.is_train_loader:
             return
         sync_off, self._sync_off = self._sync_off, None
-        with sync_off if sync_off is not None else contextlib.nullcontext():
-            if self.metric_key not in runner.batch_metrics:
-                raise KeyError(
-                    f"OptimizerCallback: batch_metrics has no {self.metric_key!r} (have "
-                    f"{sorted(runner.batch_metrics)}); add a CriterionCallback or set metric_key"
-                )
-            loss = runner.batch_metrics[self.metric_key]
-            if self.accumulation_steps > 1:
-                loss = loss / self.accumulation_steps
-            runner.engine.backward(loss)
-        if sync_off is None:
+        if sync_off is None:  # a step batch (no context object per batch)
+            self._backward(runner)
             self._step(runner)
+            return
+        with sync_off:  # an accumulating batch: gradients stay rank-local
+            self._backward(runner)
+
+    def _backward(self, runner: IRunner) -> None:
+        metrics = runner.batch_metrics
+        if self.metric_key not in metrics:
+            raise KeyError(
+                f"OptimizerCallback: batch_metrics has no {self.metric_key!r} (have "
+                f"{sorted(metrics)}); add a CriterionCallback or set metric_key"
+            )
+        loss = metrics[self.metric_key]
+        if self.accumulation_steps > 1:
+            loss = loss / self.accumulation_steps
+        runner.engine.backward(loss)
 
     def on_exception(self, runner: IRunner) -> None:
         if self._sync_off is not None:  # the batch failed before its backward

@@ -102,10 +102,9 @@ class IRunner(RunnerSurface):
         self.loaders: dict[str, Any] = {}
         self.callbacks: dict[str, Callback] = {}
         self.loggers: dict[str, Any] = {}
-        self._dispatch: dict[Event, list[Callback]] = {event: [] for event in Event}
         self._bound: dict[Event, list[Any]] = {event: [] for event in Event}
+        self._on_batch: tuple[list[Any], list[Any]] = ([], [])
         self._stop = StopControl()
-        self._resume = Resume()
         self.loader_sync = LoaderSync()
         self.resumed_checkpoint: dict[str, Any] | None = None
         self._reset_experiment_state()
@@ -267,13 +266,16 @@ class IRunner(RunnerSurface):
         if train:
             self.global_batch_step += 1
             self.global_sample_step += samples
-        self._fire_callbacks(Event.BATCH_START)
+        on_start, on_end = self._on_batch  # per stage: no event lookup per batch
+        for method in on_start:
+            method(self)
         with engine.autocast():  # batch_start callbacks may have replaced self.batch
             self.handle_batch(self.batch)
         if train:
             # before batch_end, so CheckpointCallback saves this batch when a stop is agreed
             self._stop.after_train_batch()
-        self._fire_callbacks(Event.BATCH_END)
+        for method in on_end:
+            method(self)
         self.loader_sync.add_batch(self.batch_metrics, self.batch_size, engine.device)
         for logger in self._batch_loggers:
             logger.log_metrics(self.batch_metrics, "batch", self)
@@ -313,11 +315,12 @@ class IRunner(RunnerSurface):
         callbacks = sort_callbacks(self.get_callbacks(stage))
         rank = self.engine.rank
         self.callbacks = {k: cb for k, cb in callbacks.items() if keep_for_rank(cb, rank)}
-        self._dispatch = build_dispatch(self.callbacks)
+        dispatch = build_dispatch(self.callbacks)
         # bound methods, resolved once per stage: no getattr per callback and event
-        bound = {e: [getattr(c, e.value) for c in cbs] for e, cbs in self._dispatch.items()}
+        bound = {e: [getattr(c, e.value) for c in cbs] for e, cbs in dispatch.items()}
         # the runner is a callback too: its own overridden on_* methods join the dispatch
         self._bound = with_runner_hooks(self, bound)
+        self._on_batch = (self._bound[Event.BATCH_START], self._bound[Event.BATCH_END])
 
     def _start_loader(self, loader_key: str, loader: Any) -> None:
         self.loader_key = loader_key

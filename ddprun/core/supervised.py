@@ -73,7 +73,7 @@ class SupervisedRunner(Runner):
 
     def forward(self, batch: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
         """The model's outputs for `batch`, as a dict keyed by `output_key`."""
-        if not isinstance(batch, Mapping):
+        if type(batch) is not dict and not isinstance(batch, Mapping):
             raise RunnerError(
                 f"SupervisedRunner expects a dict batch or a 2-tuple (inputs, targets), got a "
                 f"{type(batch).__name__}"

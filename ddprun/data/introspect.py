@@ -24,7 +24,10 @@ def batch_size_of(batch: Any) -> int:
     """Samples in a batch: the first dimension of its first tensor (first value of a dict,
     first item of a list or tuple); 1 for a scalar or an object without a length."""
     first = batch
-    if isinstance(batch, Mapping):
+    kind = type(batch)
+    if (kind is tuple or kind is list) and batch:  # the common cases first: no ABC check
+        first = batch[0]
+    elif kind is dict or isinstance(batch, Mapping):
         first = next(iter(batch.values()), None)
     elif isinstance(batch, (list, tuple)) and batch:
         first = batch[0]

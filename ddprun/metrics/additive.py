@@ -54,7 +54,7 @@ class AdditiveMetric(Metric):
                 carries its graph is fine); tensors should be on the metric's device.
             num_samples: how many samples `value` stands for (usually the batch size).
         """
-        self.num_samples.add_(num_samples)
+        self.count_later("num_samples", num_samples)  # a host int: no tensor op per batch
         if isinstance(value, Tensor):
             # In-place ops promote into the float64 states: no conversion copy per batch.
             value = value.detach()
@@ -72,6 +72,7 @@ class AdditiveMetric(Metric):
     @override
     def compute(self) -> tuple[float, float]:
         """The (mean, std) over all samples seen; (NaN, NaN) before any update."""
+        self.fold_pending()
         if not self.with_std:
             total, value_sum = torch.stack([self.num_samples, self.weighted_sum]).tolist()
             return (value_sum / total if total > 0 else math.nan), math.nan

@@ -58,6 +58,7 @@ class AccuracyMetric(Metric):
         if len(topk) == 0 or min(topk) < 1:
             raise ValueError(f"topk must be a non-empty sequence of k >= 1, got {tuple(topk)}")
         self.topk = tuple(topk)
+        self._top1 = self.topk == (1,)
         self.threshold = float(threshold)
         self.add_state("correct", _counts(len(self.topk)), "sum")
         self.add_state("total", _counts(), "sum")
@@ -83,7 +84,7 @@ class AccuracyMetric(Metric):
         """
         count = targets.shape[0]
         if (
-            self.topk == (1,)
+            self._top1
             and outputs.dim() == 2
             and outputs.shape[1] > 1
             and outputs.shape[0] == count
@@ -94,11 +95,11 @@ class AccuracyMetric(Metric):
             # a few microseconds more once a large model has pushed the dispatcher out of cache.
             correct = outputs.argmax(dim=1).eq(targets).sum()
             self.correct.add_(correct)
-            self.total.add_(count)
+            self.count_later("total", count)  # a host int: no tensor op per batch
             return [correct / count]
         correct = F.topk_correct(outputs, targets, self.topk, self.threshold)
         self.correct.add_(correct)
-        self.total.add_(count)
+        self.count_later("total", count)
         return list((correct.to(torch.get_default_dtype()) / count).unbind(0))
 
     def update_key_value(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
@@ -108,6 +109,7 @@ class AccuracyMetric(Metric):
     @override
     def compute(self) -> list[float]:
         """The accuracy per k over every sample seen (NaN before any update)."""
+        self.fold_pending()
         return (self.correct.double() / self.total).tolist()
 
     @override

@@ -35,6 +35,8 @@ class Metric(ABC):
         self._defaults: dict[str, Tensor] = {}
         self._reductions: dict[str, str] = {}
         self._device = torch.device("cpu")
+        # host-side counts not yet added to their states (see `count_later`)
+        self._pending: dict[str, int | float] = {}
 
     def add_state(self, name: str, default: Tensor, reduction: Reduction) -> None:
         """Declares a state: its initial value (restored by `reset`) and its cross-rank reduction.
@@ -70,8 +72,23 @@ class Metric(ABC):
         """Each state's name mapped to its reduction, in declaration order."""
         return dict(self._reductions)
 
+    def count_later(self, name: str, amount: int | float) -> None:
+        """Add a host number (a sample count) to the "sum" state `name` without a tensor op per
+        call: it is added to the tensor when the states are read (`get_states`, `compute`
+        through `fold_pending`), so every reader sees it."""
+        pending = self._pending
+        pending[name] = pending.get(name, 0) + amount
+
+    def fold_pending(self) -> None:
+        """Add the counts given to `count_later` to their states (one op per state)."""
+        if self._pending:
+            for name, amount in self._pending.items():
+                getattr(self, name).add_(amount)
+            self._pending.clear()
+
     def get_states(self) -> dict[str, Tensor]:
         """The current state tensors by name (the tensors themselves, not copies)."""
+        self.fold_pending()
         return {name: getattr(self, name) for name in self._reductions}
 
     def replace_states(self, states: Mapping[str, Tensor]) -> None:
@@ -80,6 +97,7 @@ class Metric(ABC):
         Raises:
             KeyError: for a name that is not a declared state.
         """
+        self.fold_pending()  # into the states being replaced (the sync layer restores them)
         for name, value in states.items():
             if name not in self._reductions:
                 raise KeyError(f"{type(self).__name__} has no state {name!r}")
@@ -95,6 +113,7 @@ class Metric(ABC):
 
     def reset(self) -> None:
         """Returns every state to its declared default."""
+        self._pending.clear()
         for name, default in self._defaults.items():
             state = getattr(self, name)
             if state.shape == default.shape and state.device == default.device:
