@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from ddprun import checkpoint_folders, utils
 from ddprun.checkpoint import load_checkpoint
+from ddprun.checkpoint_manifest import verify
 
 from .helpers import (
     TRAIN,
@@ -102,8 +103,10 @@ def test_checkpoints_are_folders_with_one_shard_per_rank(runs):
     assert names == ["_metrics.json", "best", "last", "train.1", "train.2"]
     for name in ("best", "last", "train.1", "train.2"):
         files = sorted(p.name for p in (folder / name).iterdir())
-        assert files == [".metadata", "__0_0.distcp", "__1_0.distcp", "ddprun_state.pt"]
+        shards = [".metadata", "__0_0.distcp", "__1_0.distcp", "ddprun_state.pt"]
+        assert files == [*shards, "manifest.json"]  # the manifest lists every file
         assert (folder / name / "__1_0.distcp").stat().st_size > 0  # rank 1 wrote its shard
+        assert verify(folder / name) == []
     assert not list(folder.glob("*.pth")) and not list(folder.glob(".*.tmp"))
     records = utils.load_checkpoint(folder / "last")["checkpointer"]["checkpoints"]
     assert sorted(r["file"] for r in records) == ["train.1", "train.2"]
