@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from ddprun.callbacks._access import batch_value, select
 from ddprun.core.callback import Callback, CallbackOrder
+from ddprun.engines.precision import NO_AUTOCAST
 
 if TYPE_CHECKING:
     from ddprun.core.runner import IRunner
@@ -40,5 +41,9 @@ class CriterionCallback(Callback):
             return
         inputs = batch_value(runner, self.input_key, "CriterionCallback")
         targets = batch_value(runner, self.target_key, "CriterionCallback")
-        with runner.engine.autocast():
+        autocast = runner.engine.autocast()
+        if autocast is NO_AUTOCAST:  # fp32: no context to enter per batch
+            runner.batch_metrics[self.metric_key] = self._criterion(inputs, targets)
+            return
+        with autocast:
             runner.batch_metrics[self.metric_key] = self._criterion(inputs, targets)

@@ -74,7 +74,8 @@ class AccuracyCallback(_LoaderMetricCallback):
         topk_args: the k values; None (the default) takes Catalyst 21.12's: (1,), plus 3 when
             `num_classes` > 3, plus 5 when > 5. Binary outputs allow only k=1.
         num_classes: only sets the default `topk_args`.
-        log_on_batch: also put each batch's accuracies into ``batch_metrics``.
+        log_on_batch: also put each batch's accuracies into ``batch_metrics`` (False: they are
+            not computed at all, one small tensor op less per batch).
         prefix, suffix: keys become ``{prefix}accuracy01{suffix}``.
         threshold: binary outputs predict class 1 where > threshold (0.0 logits, 0.5 probabilities).
     """
@@ -106,10 +107,11 @@ class AccuracyCallback(_LoaderMetricCallback):
     def on_batch_end(self, runner: IRunner) -> None:
         if runner.is_infer_loader:
             return
-        values = self.metric.update(*self._inputs(runner))
-        if self.log_on_batch:
-            for key, value in zip(self.keys, values):
-                runner.batch_metrics[key] = value
+        if not self.log_on_batch:  # no batch value to compute
+            self.metric.add_counts(*self._inputs(runner))
+            return
+        for key, value in zip(self.keys, self.metric.update(*self._inputs(runner))):
+            runner.batch_metrics[key] = value
 
     def on_loader_end(self, runner: IRunner) -> None:
         if not runner.is_infer_loader:

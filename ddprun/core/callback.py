@@ -72,17 +72,9 @@ class CallbackNode(IntEnum):
     worker = 2
 
 
-class Callback:
-    """Base class: one no-op method per event; subclasses override what they need.
-
-    Args:
-        order: position among callbacks (`CallbackOrder`); lower runs first.
-        node: which ranks keep this callback (`CallbackNode`).
-    """
-
-    def __init__(self, order: int, node: int = CallbackNode.all) -> None:
-        self.order = int(order)
-        self.node = CallbackNode(node)
+class EventHooks:
+    """One no-op method per event (`Event`): what callbacks and the runner itself override.
+    The loop calls only the methods a class overrides."""
 
     def on_experiment_start(self, runner: IRunner) -> None:
         """Called once, on the first stage's callbacks, right after they are built."""
@@ -116,6 +108,20 @@ class Callback:
 
     def on_exception(self, runner: IRunner) -> None:
         """Called when the run raised; `runner.exception` holds the error."""
+
+
+class Callback(EventHooks):
+    """Base class of callbacks: the event methods of `EventHooks`; subclasses override what
+    they need.
+
+    Args:
+        order: position among callbacks (`CallbackOrder`); lower runs first.
+        node: which ranks keep this callback (`CallbackNode`).
+    """
+
+    def __init__(self, order: int, node: int = CallbackNode.all) -> None:
+        self.order = int(order)
+        self.node = CallbackNode(node)
 
 
 def _overrides(callback: Callback, event: Event) -> bool:

@@ -35,24 +35,20 @@ How a loop ends, in one vocabulary:
 
 - **early stop**: a callback sets ``need_early_stop``; the loader ends after this batch, and
   at an epoch's end the stage ends (the next stage runs).
-- **agreed stop signal**: SIGTERM/SIGUSR1 set a flag; the ranks agree on it after a train
-  batch or at a loader end (`ddprun.core.stop.StopControl`), ``stop_signal`` is set on every
-  rank at the same point, callbacks save (CheckpointCallback writes ``last.pth``), and the run
-  raises `RunStopped` (exit status 128 + signal): after the batch when agreed after a train
-  batch, after the epoch's end when agreed at a loader end.
+- **agreed stop signal**: SIGTERM/SIGUSR1 set a flag the ranks agree on after a train batch
+  or at a loader end (`ddprun.core.stop.StopControl`); ``stop_signal`` is set on every rank at
+  the same point, callbacks save ``last.pth``, and `RunStopped` (exit 128 + signal) ends the
+  run after that batch (agreed at a loader end: after the epoch).
 - **error**: an exception ends the run; ``on_exception`` callbacks run and it is re-raised
   unless a callback sets ``need_exception_reraise = False``.
 
 Resume (`ddprun.core.resume`): each stage start first skips or restores the stage from the
 checkpoint a callback names (``resume_source()``), before the stage's callbacks run.
 
-Sample counters add ``batch_size * world_size`` per batch, so curves from runs of different
-world sizes line up (the last, uneven batch of an unpadded evaluation split is counted as full).
-
-Dispatch: for ``*_start`` events the runner's own bookkeeping runs before the callbacks, for
-``*_end`` events after them, so metric callbacks fill `loader_metrics` before it is logged. At
-loader end every tracked metric (see `track_metric`) and the per-key averages of `batch_metrics`
-are synced across ranks together, in one packed reduction, around the callbacks' ``on_loader_end``.
+Sample counters add ``batch_size * world_size`` per batch: curves of any world size line up.
+For ``*_start`` events the runner's bookkeeping runs before the callbacks, for ``*_end`` events
+after them. At loader end every tracked metric (`track_metric`) and the per-key averages of
+`batch_metrics` are synced across ranks in one packed reduction, around ``on_loader_end``.
 """
 
 from __future__ import annotations
@@ -71,6 +67,7 @@ from ddprun.core.stop import RunStopped, StopControl
 from ddprun.data.introspect import batch_size_of, loader_batch_size, loader_length, set_loader_epoch
 from ddprun.data.workers import shield_loader_workers
 from ddprun.engines.factory import check_engine_fits_launch
+from ddprun.engines.precision import NO_AUTOCAST
 from ddprun.metrics import Metric
 from ddprun.utils import set_global_seed
 
@@ -269,8 +266,12 @@ class IRunner(RunnerSurface):
         on_start, on_end = self._on_batch  # per stage: no event lookup per batch
         for method in on_start:
             method(self)
-        with engine.autocast():  # batch_start callbacks may have replaced self.batch
+        autocast = engine.autocast()  # batch_start callbacks may have replaced self.batch
+        if autocast is NO_AUTOCAST:
             self.handle_batch(self.batch)
+        else:
+            with autocast:
+                self.handle_batch(self.batch)
         if train:
             # before batch_end, so CheckpointCallback saves this batch when a stop is agreed
             self._stop.after_train_batch()
@@ -367,7 +368,6 @@ class IRunner(RunnerSurface):
             logger.close_log()
 
 
-# --------------------------------------------------------------------- helpers
 def epoch_seed(seed: int, epoch: int, engine: Any) -> int:
     """The seed of one rank's epoch: ``seed + epoch * world_size + rank``.
 

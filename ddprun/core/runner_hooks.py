@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ddprun.core.callback import Event
+from ddprun.core.callback import Event, EventHooks
 from ddprun.metrics import Metric
 from ddprun.metrics.torchmetrics_adapter import adapt_torchmetric
 
@@ -40,41 +40,9 @@ _STARTS = frozenset(
 )
 
 
-class RunnerHooks:
-    """Callback methods of the runner itself (no-ops; override any of them)."""
-
-    def on_experiment_start(self, runner: IRunner) -> None:
-        """After the first stage's components and callbacks are built."""
-
-    def on_stage_start(self, runner: IRunner) -> None:
-        """After the stage's components are built and prepared by the engine."""
-
-    def on_epoch_start(self, runner: IRunner) -> None:
-        """At the start of every epoch."""
-
-    def on_loader_start(self, runner: IRunner) -> None:
-        """Before the first batch of each loader (its counters and state are set)."""
-
-    def on_batch_start(self, runner: IRunner) -> None:
-        """Before `handle_batch`, with `runner.batch` on the device."""
-
-    def on_batch_end(self, runner: IRunner) -> None:
-        """After the callbacks' ``on_batch_end``."""
-
-    def on_loader_end(self, runner: IRunner) -> None:
-        """After the callbacks' ``on_loader_end``, inside the loader-end metric sync."""
-
-    def on_epoch_end(self, runner: IRunner) -> None:
-        """After the callbacks' ``on_epoch_end``, before the epoch is logged."""
-
-    def on_stage_end(self, runner: IRunner) -> None:
-        """After the callbacks' ``on_stage_end``."""
-
-    def on_experiment_end(self, runner: IRunner) -> None:
-        """After the callbacks' ``on_experiment_end``."""
-
-    def on_exception(self, runner: IRunner) -> None:
-        """After the callbacks' ``on_exception``; `runner.exception` holds the error."""
+class RunnerHooks(EventHooks):
+    """Callback methods of the runner itself (`EventHooks`: no-ops; override any of them, in
+    the order the module docstring gives)."""
 
 
 def with_runner_hooks(runner: IRunner, bound: dict[Event, list[Any]]) -> dict[Event, list[Any]]:

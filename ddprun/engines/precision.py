@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
-_NO_AUTOCAST = contextlib.nullcontext()
+#: The fp32 "autocast": one shared no-op context; callers on the hot path compare with it and
+#: skip the ``with`` (two Python-level calls per batch each) when they get it.
+NO_AUTOCAST = contextlib.nullcontext()
 
 
 class Precision:
@@ -30,7 +32,7 @@ class Precision:
     def autocast(self) -> contextlib.AbstractContextManager:
         """Context for the forward pass (fp32: one shared no-op context, entered twice per
         batch, so no generator is built per call)."""
-        return _NO_AUTOCAST
+        return NO_AUTOCAST
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate `loss`."""
@@ -142,4 +144,4 @@ class ShardedMixedPrecision(MixedPrecision):
             self.scaler = ShardedGradScaler(device_type, **(scaler_kwargs or {}))
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return _NO_AUTOCAST
+        return NO_AUTOCAST

@@ -83,6 +83,15 @@ class AccuracyMetric(Metric):
             ValueError: if the shapes do not match (see `ddprun.metrics.functional.check_shapes`).
         """
         count = targets.shape[0]
+        correct = self.add_counts(outputs, targets)
+        if correct.dim() == 0:
+            return [correct / count]
+        return list((correct.to(torch.get_default_dtype()) / count).unbind(0))
+
+    def add_counts(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """`update` without the batch's accuracies (one tensor op less per batch): returns the
+        batch's correct count (0-dim for the top-1 fast path, else one per k)."""
+        count = targets.shape[0]
         if (
             self._top1
             and outputs.dim() == 2
@@ -96,11 +105,11 @@ class AccuracyMetric(Metric):
             correct = outputs.argmax(dim=1).eq(targets).sum()
             self.correct.add_(correct)
             self.count_later("total", count)  # a host int: no tensor op per batch
-            return [correct / count]
+            return correct
         correct = F.topk_correct(outputs, targets, self.topk, self.threshold)
         self.correct.add_(correct)
         self.count_later("total", count)
-        return list((correct.to(torch.get_default_dtype()) / count).unbind(0))
+        return correct
 
     def update_key_value(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """`update`, with the batch's accuracies keyed as in `compute_key_value` (for batch metrics)."""
