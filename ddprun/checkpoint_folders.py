@@ -120,11 +120,9 @@ def write_folder(
     """
     import torch.distributed.checkpoint as dcp
 
-    writer = dcp.FileSystemWriter(folder, single_file_per_rank=True, sync_files=True)
-    dcp.save(dict(sharded), storage_writer=writer, process_group=group)
+    dcp.save(dict(sharded), storage_writer=_dcp_writer(folder), process_group=group)
     if is_writer:
-        save_checkpoint({**rest, SHARDED_KEYS: sorted(sharded)}, folder / STATE_FILE)
-        _fsync_dir(folder)
+        _write_rest(rest, sharded, folder)
 
 
 def write_folder_async(
@@ -142,9 +140,20 @@ def write_folder_async(
 
     if is_writer:
         folder.mkdir(parents=True, exist_ok=True)
-        save_checkpoint({**rest, SHARDED_KEYS: sorted(sharded)}, folder / STATE_FILE)
-    writer = dcp.FileSystemWriter(folder, single_file_per_rank=True, sync_files=True)
-    return dcp.async_save(dict(sharded), storage_writer=writer, process_group=group)
+        _write_rest(rest, sharded, folder)
+    return dcp.async_save(dict(sharded), storage_writer=_dcp_writer(folder), process_group=group)
+
+
+def _dcp_writer(folder: Path) -> Any:
+    import torch.distributed.checkpoint as dcp
+
+    return dcp.FileSystemWriter(folder, single_file_per_rank=True, sync_files=True)
+
+
+def _write_rest(rest: Mapping[str, Any], sharded: Mapping[str, Any], folder: Path) -> None:
+    """``ddprun_state.pt``: the unsharded entries and the names of the sharded ones."""
+    save_checkpoint({**rest, SHARDED_KEYS: sorted(sharded)}, folder / STATE_FILE)
+    _fsync_dir(folder)
 
 
 def publish(source: Path, target: Path) -> None:

@@ -340,14 +340,20 @@ def test_ddp_killed_rank_resumes_inside_the_window_bit_for_bit(ddp_reference, tm
     assert_bit_identical(final(logdir, 0), final(logdir, 1))
 
 
-@pytest.mark.timeout(150)
-def test_resume_on_another_world_size_averages_the_window_and_warns_once(accumulate, tmp_path):
+def _two_ranks_fail_at_batch_10(tmp_path: Path) -> tuple[Path, Path]:
+    """2 ranks, last.pth every 2 batches, rank 1 raises at batch 10: (logdir, last.pth)."""
     logdir = tmp_path / "run"
     argv = ddprun(2, "accumulate", "--logdir", str(logdir), *DDP_ARGS, "--save-every", "2",
                   "--fault", "raise", "--fault-rank", "1", "--fault-batch", "10")  # fmt: skip
     result = run(argv, tmp_path, timeout=120)
     assert result.returncode != 0 and "injected fault at batch 10" in result.stderr
     last = logdir / "checkpoints" / "last.pth"
+    return logdir, last
+
+
+@pytest.mark.timeout(150)
+def test_resume_on_another_world_size_averages_the_window_and_warns_once(accumulate, tmp_path):
+    logdir, last = _two_ranks_fail_at_batch_10(tmp_path)
     ranks = load_checkpoint(last)["loader_state"]["ranks"]
     assert len(ranks) == 2
     saved = [r["grads"]["model"] for r in ranks]
@@ -369,12 +375,7 @@ def test_resume_on_another_world_size_averages_the_window_and_warns_once(accumul
 def test_a_position_that_cannot_carry_over_continues_at_the_next_epoch(accumulate, tmp_path):
     # issue 14: 2 ranks x 8 batches of 16 seen; one process with batches of 48 cannot continue
     # at a whole batch, so it says so once and starts the next epoch
-    logdir = tmp_path / "run"
-    argv = ddprun(2, "accumulate", "--logdir", str(logdir), *DDP_ARGS, "--save-every", "2",
-                  "--fault", "raise", "--fault-rank", "1", "--fault-batch", "10")  # fmt: skip
-    result = run(argv, tmp_path, timeout=120)
-    assert result.returncode != 0 and "injected fault at batch 10" in result.stderr
-    last = logdir / "checkpoints" / "last.pth"
+    logdir, last = _two_ranks_fail_at_batch_10(tmp_path)
     saved = load_checkpoint(last)
     assert not saved["epoch_finished"]
     with pytest.warns(UserWarning) as warned:
