@@ -188,8 +188,12 @@ def worker(args: argparse.Namespace) -> None:
             engine.setup()
             counter = count_collectives()
             payload = [through_runner(engine, n, counter) for n in SYNC_COUNTS]
-        elif args.worker == "ddprun":
-            engine = dl.DistributedDataParallelEngine(backend="gloo")
+        elif args.worker in ("ddprun", "fsdp"):
+            engine = (
+                dl.FSDPEngine(backend="gloo")
+                if args.worker == "fsdp"
+                else dl.DistributedDataParallelEngine(backend="gloo")
+            )
             payload = asdict(bc.ddprun_train(work, args.models, logdir, engine, ddp=True))
         else:
             dist.init_process_group("gloo")
@@ -257,6 +261,17 @@ def lockstep(model: str, pairs: int, quick: bool, timeout: float) -> dict:
     return {**record, "target": TARGETS[model], "same_note": "" if same else "; **differs**"}
 
 
+def fsdp_vs_ddp(model: str, reps: int, quick: bool, timeout: float) -> dict:
+    """The same Runner script on the DDP and on the FSDP engine (2 ranks, gloo, CPU), launched
+    alternately: FSDP's cost of gathering parameters and reduce-scattering gradients."""
+    runs: dict[str, list[dict]] = {"ddprun": [], "fsdp": []}
+    for rep in range(reps):
+        for mode in ("ddprun", "fsdp") if rep % 2 == 0 else ("fsdp", "ddprun"):
+            runs[mode].append(run_once("ddprun", mode, model, quick, timeout))
+    record = {"section": "fsdp", "model": model, "reps": reps}
+    return {**record, "step": bc.ratios(runs["fsdp"], runs["ddprun"], "step_median_s")}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -265,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default=",".join(bc.MODELS))
     parser.add_argument("--timeout", type=float, default=300.0, help="per launch, seconds")
     parser.add_argument("--parts", default="separate,lockstep,sync", help="what to run")
-    parser.add_argument("--worker", choices=("plain", "ddprun", "lockstep", "sync"))
+    parser.add_argument("--worker", choices=("plain", "ddprun", "fsdp", "lockstep", "sync"))
     parser.add_argument("--result", help="worker: rank 0 writes its JSON here")
     parser.add_argument("--logdir", help="worker: the runs' logs and checkpoints")
     parser.add_argument("--first", choices=("plain", "ddprun"), default="plain")
@@ -282,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
         bc.emit(separate(model, reps, args.quick, args.timeout, starts))
         if pairs and "lockstep" in args.parts:
             bc.emit(lockstep(model, pairs, args.quick, args.timeout))
+    for model in args.models.split(",") if "fsdp" in args.parts else ():
+        bc.emit(fsdp_vs_ddp(model, reps, args.quick, args.timeout))
     if "separate" not in args.parts:
         return
     ref, ours, control = (bc.median(starts[c]) for c in COMBOS)

@@ -1,7 +1,7 @@
 """Run every benchmark and print one markdown table: ddprun next to plain PyTorch / torchrun,
 with the ratios and the targets.
 
-    python benchmarks/run_all.py [--quick] [--only single,fresh,ddp,import,sync,gpu]
+    python benchmarks/run_all.py [--quick] [--only single,fresh,ddp,import,sync,fsdp,gpu]
                                  [--record benchmarks/RESULTS.md]
 
 Each section runs as its own subprocess (one crashing does not hide the others): ``single`` and
@@ -37,6 +37,7 @@ SECTIONS = {
     "ddp": ["bench_ddp.py", "--parts", "separate,lockstep"],
     "import": ["bench_import.py"],
     "sync": ["bench_ddp.py", "--parts", "sync"],
+    "fsdp": ["bench_ddp.py", "--parts", "fsdp"],
     "gpu": ["bench_gpu.py"],
 }
 ALIASES = {"startup": "ddp", "distributed": "ddp", "metrics": "sync"}
@@ -102,6 +103,8 @@ ROWS = [
         "torch.distributed collectives (2 gloo ranks)", "", "train: {train[at_end]} at the end "
         "({train[ops]:list}, {train[bytes]} B), {train[per_batch]:.3g} per batch; valid: "
         "{valid[at_end]} ({valid[bytes]} B)", "", "1 per loader end", ("at_end", 1)),
+    Row("fsdp", P2 + ": train time per step, the same Runner on FSDPEngine vs the DDP engine "
+        "(CPU, for the record; {reps} rounds)", "{step[ref]:t}", "{step[ours]:t}", "{step:r}"),
     Row("gpu", "{device}, {model} {precision}, batch {batch_size}: samples/s; host syncs per "
         "step", "{plain_samples_per_s:.0f}; {plain_syncs:.2f}",
         "{ddprun_samples_per_s:.0f}; {ddprun_syncs:.2f}", "{ratio:x} time"),
