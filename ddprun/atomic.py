@@ -57,13 +57,17 @@ def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files a killed process left in `folder` (``.<name>.*.tmp``: a
-    write that never reached its rename); returns them. Call it only while nobody writes
-    there (e.g. on rank 0 before a resumed run saves anything)."""
+    """Delete the temporary files (and the temporary folders of sharded checkpoints) a killed
+    process left in `folder` (``.<name>.*.tmp``: a write that never reached its rename);
+    returns them. Call it only while nobody writes there (e.g. on rank 0 before a resumed run
+    saves anything)."""
     folder = Path(folder)
     stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
     for path in stale:
-        path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return stale
 
 

@@ -76,15 +76,16 @@ class Metric(ABC):
         """Add a host number (a sample count) to the "sum" state `name` without a tensor op per
         call: it is added to the tensor when the states are read (`get_states`, `compute`
         through `fold_pending`), so every reader sees it."""
-        pending = self._pending
+        pending = self.__dict__.setdefault("_pending", {})
         pending[name] = pending.get(name, 0) + amount
 
     def fold_pending(self) -> None:
         """Add the counts given to `count_later` to their states (one op per state)."""
-        if self._pending:
-            for name, amount in self._pending.items():
+        pending = self.__dict__.get("_pending")  # None: a subclass that skipped our __init__
+        if pending:
+            for name, amount in pending.items():
                 getattr(self, name).add_(amount)
-            self._pending.clear()
+            pending.clear()
 
     def get_states(self) -> dict[str, Tensor]:
         """The current state tensors by name (the tensors themselves, not copies)."""
@@ -113,7 +114,7 @@ class Metric(ABC):
 
     def reset(self) -> None:
         """Returns every state to its declared default."""
-        self._pending.clear()
+        self.__dict__.get("_pending", {}).clear()
         for name, default in self._defaults.items():
             state = getattr(self, name)
             if state.shape == default.shape and state.device == default.device:

@@ -226,3 +226,17 @@ def test_engine_choose_checkpoint_in_one_process(tmp_path):
     flip_byte(last, 40)
     chosen, skipped = IEngine("cpu").choose_checkpoint([last, epoch])
     assert chosen == epoch and len(skipped) == 1 and str(last) in skipped[0]
+
+
+def test_stale_temporaries_include_a_killed_sharded_write_s_folder(tmp_path):
+    # a sharded (FSDP) save writes a whole folder under a temporary name; a resume after a
+    # kill during that write must clear it, not fail on it
+    folder = tmp_path / "checkpoints"
+    debris = folder / ".last.0123abcd.tmp"
+    (debris / "sub").mkdir(parents=True)
+    (debris / "__0_0.distcp").write_bytes(b"half a shard")
+    (folder / ".best.pth.x1.tmp").write_bytes(b"half a file")
+    (folder / "last.pth").write_bytes(b"kept")
+    removed = remove_stale_temporaries(folder)
+    assert sorted(p.name for p in removed) == [".best.pth.x1.tmp", ".last.0123abcd.tmp"]
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pth"]
