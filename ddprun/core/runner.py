@@ -42,8 +42,7 @@ How a loop ends, in one vocabulary:
 - **error**: an exception ends the run; ``on_exception`` callbacks run and it is re-raised
   unless a callback sets ``need_exception_reraise = False``.
 
-Resume (`ddprun.core.resume`): each stage start first skips or restores the stage from the
-checkpoint a callback names (``resume_source()``), before the stage's callbacks run.
+Resume (`ddprun.core.resume`): each stage start skips or restores the stage first.
 
 Sample counters add ``batch_size * world_size`` per batch: curves of any world size line up.
 For ``*_start`` events the runner's bookkeeping runs before the callbacks, for ``*_end`` events
@@ -312,6 +311,7 @@ class IRunner(RunnerSurface):
         self.optimizer = self.get_optimizer(stage, model)
         self.scheduler = self.get_scheduler(stage, self.optimizer)
         self.model = self.engine.prepare_model(model)
+        self.optimizer = self.engine.prepare_optimizer(self.optimizer)  # FSDP: sharded params
         self.criterion = self.engine.prepare_criterion(self.criterion)
         callbacks = sort_callbacks(self.get_callbacks(stage))
         rank = self.engine.rank
