@@ -30,20 +30,26 @@ class CriterionCallback(Callback):
         self.input_key, self.target_key = input_key, target_key
         self.metric_key, self.criterion_key = metric_key, criterion_key
         self._criterion: Any = None
+        self._fp32 = False
 
     def on_stage_start(self, runner: IRunner) -> None:
         self._criterion = select(
             runner.criterion, self.criterion_key, "criterion", "CriterionCallback"
         )
+        # fp32 (the engine's one shared no-op context): no call and no context per batch
+        self._fp32 = runner.engine.autocast() is NO_AUTOCAST
 
     def on_batch_end(self, runner: IRunner) -> None:
         if runner.is_infer_loader:
             return
-        inputs = batch_value(runner, self.input_key, "CriterionCallback")
-        targets = batch_value(runner, self.target_key, "CriterionCallback")
-        autocast = runner.engine.autocast()
-        if autocast is NO_AUTOCAST:  # fp32: no context to enter per batch
+        batch, owner = runner.batch, "CriterionCallback"
+        if type(batch) is dict and self.input_key in batch and self.target_key in batch:
+            inputs, targets = batch[self.input_key], batch[self.target_key]
+        else:  # raises the error that names what is missing
+            inputs = batch_value(runner, self.input_key, owner)
+            targets = batch_value(runner, self.target_key, owner)
+        if self._fp32:
             runner.batch_metrics[self.metric_key] = self._criterion(inputs, targets)
             return
-        with autocast:
+        with runner.engine.autocast():
             runner.batch_metrics[self.metric_key] = self._criterion(inputs, targets)

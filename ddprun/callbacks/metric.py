@@ -20,10 +20,12 @@ import numpy as np
 import torch
 
 from ddprun.callbacks._access import batch_value
+from ddprun.core.batch_metrics import BatchMetrics
 from ddprun.core.callback import Callback, CallbackOrder
 from ddprun.metrics import AccuracyMetric, ConfusionMatrixMetric, Metric
 from ddprun.metrics import MulticlassPrecisionRecallF1SupportMetric as PRFMetric
 from ddprun.metrics._support import affix, check_topk, default_topk_args
+from ddprun.metrics.classification import batch_accuracies
 
 if TYPE_CHECKING:
     from ddprun.core.runner import IRunner
@@ -52,7 +54,10 @@ class _LoaderMetricCallback(Callback):
         return []
 
     def _inputs(self, runner: IRunner) -> tuple[torch.Tensor, torch.Tensor]:
-        owner = type(self).__name__
+        batch = runner.batch
+        if type(batch) is dict and self.input_key in batch and self.target_key in batch:
+            return batch[self.input_key].detach(), batch[self.target_key]  # no call per key
+        owner = type(self).__name__  # the errors that name what is missing
         outputs = batch_value(runner, self.input_key, owner)
         return outputs.detach(), batch_value(runner, self.target_key, owner)
 
@@ -74,8 +79,9 @@ class AccuracyCallback(_LoaderMetricCallback):
         topk_args: the k values; None (the default) takes Catalyst 21.12's: (1,), plus 3 when
             `num_classes` > 3, plus 5 when > 5. Binary outputs allow only k=1.
         num_classes: only sets the default `topk_args`.
-        log_on_batch: also put each batch's accuracies into ``batch_metrics`` (False: they are
-            not computed at all, one small tensor op less per batch).
+        log_on_batch: also put each batch's accuracies into ``batch_metrics``, computed when
+            first read (by a logger, the progress bar or a callback): a batch whose values
+            nothing reads costs no op for them. False: the keys are not there at all.
         prefix, suffix: keys become ``{prefix}accuracy01{suffix}``.
         threshold: binary outputs predict class 1 where > threshold (0.0 logits, 0.5 probabilities).
     """
@@ -107,11 +113,20 @@ class AccuracyCallback(_LoaderMetricCallback):
     def on_batch_end(self, runner: IRunner) -> None:
         if runner.is_infer_loader:
             return
+        batch = runner.batch
+        if type(batch) is dict and self.input_key in batch and self.target_key in batch:
+            # add_counts detaches what it does not only arg-max: no detach op per batch here
+            outputs, targets = batch[self.input_key], batch[self.target_key]
+        else:
+            outputs, targets = self._inputs(runner)
+        correct = self.metric.add_counts(outputs, targets)
         if not self.log_on_batch:  # no batch value to compute
-            self.metric.add_counts(*self._inputs(runner))
             return
-        for key, value in zip(self.keys, self.metric.update(*self._inputs(runner))):
-            runner.batch_metrics[key] = value
+        metrics = runner.batch_metrics
+        if type(metrics) is BatchMetrics:  # computed only if something reads them
+            metrics.defer(self.keys, batch_accuracies, correct, targets.shape[0])
+        else:  # a dict a runner put there itself
+            metrics.update(zip(self.keys, batch_accuracies(correct, targets.shape[0])))
 
     def on_loader_end(self, runner: IRunner) -> None:
         if not runner.is_infer_loader:

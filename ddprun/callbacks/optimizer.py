@@ -84,6 +84,7 @@ class OptimizerCallback(Callback):
         self._models: list[Any] = []
         self.step_count = 0  # optimizer steps made (a plain int: read by SchedulerCallback)
         self._sync_off: contextlib.ExitStack | None = None  # no_sync held open over one batch
+        self._direct = False  # per stage: torch's own steps, called directly (on_stage_start)
 
     def on_stage_start(self, runner: IRunner) -> None:
         self._optimizers = self.optimizers_of(runner)
@@ -92,6 +93,9 @@ class OptimizerCallback(Callback):
         # engine's prepare_criterion): its gradient sync is skipped and averaged the same way
         criteria = [c for c in entries(runner.criterion).values() if _trainable(c)]
         self._models = [*entries(model).values(), *criteria]
+        # every batch steps and the engine's steps are torch's own: call torch directly
+        simple = self.accumulation_steps == 1 and self._clip is None
+        self._direct = simple and runner.engine.steps_as_torch()
 
     def optimizers_of(self, runner: IRunner) -> list[torch.optim.Optimizer]:
         """The optimizer(s) this callback steps in `runner`'s current stage."""
@@ -109,6 +113,14 @@ class OptimizerCallback(Callback):
     def on_batch_end(self, runner: IRunner) -> None:
         if not runner.is_train_loader:
             return
+        if self._direct:  # what _backward and _step do, without their layers
+            metrics, key = runner.batch_metrics, self.metric_key
+            (metrics[key] if key in metrics else self._loss(runner)).backward()
+            for optimizer in self._optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            self.step_count += 1
+            return
         sync_off, self._sync_off = self._sync_off, None
         if sync_off is None:  # a step batch (no context object per batch)
             self._backward(runner)
@@ -117,14 +129,17 @@ class OptimizerCallback(Callback):
         with sync_off:  # an accumulating batch: gradients stay rank-local
             self._backward(runner)
 
-    def _backward(self, runner: IRunner) -> None:
+    def _loss(self, runner: IRunner) -> torch.Tensor:
         metrics = runner.batch_metrics
         if self.metric_key not in metrics:
             raise KeyError(
                 f"OptimizerCallback: batch_metrics has no {self.metric_key!r} (have "
                 f"{sorted(metrics)}); add a CriterionCallback or set metric_key"
             )
-        loss = metrics[self.metric_key]
+        return metrics[self.metric_key]
+
+    def _backward(self, runner: IRunner) -> None:
+        loss = self._loss(runner)
         if self.accumulation_steps > 1:
             loss = loss / self.accumulation_steps
         runner.engine.backward(loss)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ddprun.core.batch_metrics import Deferred
 from ddprun.core.stop import StopVote
 from ddprun.metrics import AdditiveMetric, Metric, synchronized
 
@@ -47,8 +48,9 @@ class LoaderSync:
         self.agreed_keys: set[str] | None = None
         self.start_loader()
 
-    def start_loader(self) -> None:
-        """Empty states for a new loader."""
+    def start_loader(self, device: torch.device | None = None) -> None:
+        """Empty states for a new loader, whose averages live on `device` (the engine's)."""
+        self.device = torch.device("cpu") if device is None else device
         self.tracked: list[Metric] = []
         self.exact_keys: set[str] = set()
         self.averages: dict[str, AdditiveMetric] = {}
@@ -66,15 +68,22 @@ class LoaderSync:
             if all(metric is not known for known in self.tracked):
                 self.tracked.append(metric.to(device))
 
-    def add_batch(self, values: Mapping[str, Any], batch_size: int, device: torch.device) -> None:
-        """Fold one batch's ``batch_metrics`` into the per-key averages."""
+    def add_batch(
+        self, values: Mapping[str, Any], batch_size: int, device: torch.device | None = None
+    ) -> None:
+        """Fold one batch's ``batch_metrics`` into the per-key averages (on `device`, by
+        default the loader's)."""
         averages, exact = self.averages, self.exact_keys
-        for key, value in values.items():
+        # the values as stored: deferred ones (exact keys, skipped) are not computed
+        for key, value in dict.items(values) if isinstance(values, dict) else values.items():
             if key in exact:
                 continue
+            if type(value) is Deferred:
+                value = values[key]
             average = averages.get(key)
             if average is None:
-                average = AdditiveMetric(metric_key=key, with_std=False).to(device)
+                average = AdditiveMetric(metric_key=key, with_std=False)
+                average.to(self.device if device is None else device)
                 averages[key] = average
             average.update(value, batch_size)
 
@@ -104,18 +113,26 @@ class LoaderSync:
     ) -> bool:
         agreed = self.agreed_keys if collectives is not None else None
         averages = averages_to_pack(self.averages, agreed, device)
+        if collectives is None:  # one process: nothing to vote on, nothing to reduce
+            on_synced(_means(averages), signum)
+            return True
         outside = agreed is not None and not agreed.issuperset(self.averages)
         vote, keys = StopVote(signum, device), KeyVote(outside, device)
         with synchronized([*self.tracked, *averages.values(), vote, keys], collectives):
             if not keys.compute():
                 return False  # no callback ran
-            means = {}
-            for key, average in averages.items():
-                mean = mean_if_reported(average)
-                if mean is not None:
-                    means[key] = mean
-            on_synced(means, vote.compute())
+            on_synced(_means(averages), vote.compute())
         return True
+
+
+def _means(averages: Mapping[str, AdditiveMetric]) -> dict[str, float]:
+    """The mean of each average that some rank reported."""
+    means = {}
+    for key, average in averages.items():
+        mean = mean_if_reported(average)
+        if mean is not None:
+            means[key] = mean
+    return means
 
 
 class KeyVote(Metric):

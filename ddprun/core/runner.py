@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 
+from ddprun.core.batch_metrics import BatchMetrics
 from ddprun.core.callback import Callback, Event, build_dispatch, keep_for_rank, sort_callbacks
 from ddprun.core.loader_sync import LoaderSync
 from ddprun.core.resume import Resume
@@ -68,7 +69,7 @@ from ddprun.data.workers import shield_loader_workers
 from ddprun.engines.factory import check_engine_fits_launch
 from ddprun.engines.precision import NO_AUTOCAST
 from ddprun.metrics import Metric
-from ddprun.utils import set_global_seed
+from ddprun.utils import epoch_seed, set_global_seed
 
 
 class RunnerError(RuntimeError):
@@ -100,6 +101,7 @@ class IRunner(RunnerSurface):
         self.loggers: dict[str, Any] = {}
         self._bound: dict[Event, list[Any]] = {event: [] for event in Event}
         self._on_batch: tuple[list[Any], list[Any]] = ([], [])
+        self._fp32 = True
         self._stop = StopControl()
         self.loader_sync = LoaderSync()
         self.resumed_checkpoint: dict[str, Any] | None = None
@@ -110,9 +112,8 @@ class IRunner(RunnerSurface):
         self.loader_batch_step = self.loader_sample_step = self.loader_batch_len = 0
         self.loader_batch_size: int | None = None
         self.is_train_loader = self.is_valid_loader = self.is_infer_loader = False
-        self.batch: Any = None
-        self.batch_size = 0
-        self.batch_metrics: dict[str, Any] = {}
+        self.batch, self.batch_size = None, 0
+        self.batch_metrics: dict[str, Any] = BatchMetrics()
         self.loader_metrics: dict[str, float] = {}
         self.epoch_metrics: dict[str, dict[str, float]] = {}
 
@@ -254,7 +255,7 @@ class IRunner(RunnerSurface):
         engine = self.engine
         self.batch = engine.move(batch)
         self.batch_size = size = batch_size_of(self.batch)
-        self.batch_metrics = {}
+        self.batch_metrics = BatchMetrics()  # a dict; metric values computed when read
         samples = size * engine.world_size
         self.loader_batch_step += 1
         self.loader_sample_step += samples
@@ -265,18 +266,17 @@ class IRunner(RunnerSurface):
         on_start, on_end = self._on_batch  # per stage: no event lookup per batch
         for method in on_start:
             method(self)
-        autocast = engine.autocast()  # batch_start callbacks may have replaced self.batch
-        if autocast is NO_AUTOCAST:
+        if self._fp32:  # batch_start callbacks may have replaced self.batch
             self.handle_batch(self.batch)
         else:
-            with autocast:
+            with engine.autocast():
                 self.handle_batch(self.batch)
         if train:
             # before batch_end, so CheckpointCallback saves this batch when a stop is agreed
             self._stop.after_train_batch()
         for method in on_end:
             method(self)
-        self.loader_sync.add_batch(self.batch_metrics, self.batch_size, engine.device)
+        self.loader_sync.add_batch(self.batch_metrics, self.batch_size)
         for logger in self._batch_loggers:
             logger.log_metrics(self.batch_metrics, "batch", self)
         if train and self._stop.signal is not None:
@@ -322,6 +322,7 @@ class IRunner(RunnerSurface):
         # the runner is a callback too: its own overridden on_* methods join the dispatch
         self._bound = with_runner_hooks(self, bound)
         self._on_batch = (self._bound[Event.BATCH_START], self._bound[Event.BATCH_END])
+        self._fp32 = self.engine.autocast() is NO_AUTOCAST  # no autocast context per batch
 
     def _start_loader(self, loader_key: str, loader: Any) -> None:
         self.loader_key = loader_key
@@ -333,7 +334,7 @@ class IRunner(RunnerSurface):
         self.loader_batch_size = loader_batch_size(loader)
         self.loader_batch_step = self.loader_sample_step = 0
         self.loader_metrics = {}
-        self.loader_sync.start_loader()
+        self.loader_sync.start_loader(self.device)
         _set_train_mode(self.model, self.is_train_loader)
         set_loader_epoch(loader, self.global_epoch_step)
         self._stop.start_loader()
@@ -366,16 +367,6 @@ class IRunner(RunnerSurface):
         for logger in self.loggers.values():
             logger.flush_log()
             logger.close_log()
-
-
-def epoch_seed(seed: int, epoch: int, engine: Any) -> int:
-    """The seed of one rank's epoch: ``seed + epoch * world_size + rank``.
-
-    Distinct for every (epoch, rank) pair of a run, so no rank replays another rank's random
-    stream of another epoch (``seed + epoch + rank`` made rank 0 at epoch e+1 repeat rank 1
-    at epoch e); in one process it is ``seed + epoch``, as before.
-    """
-    return seed + epoch * max(engine.world_size, 1) + max(engine.rank, 0)
 
 
 def _check_loaders(loaders: Any) -> dict[str, Any]:

@@ -56,7 +56,9 @@ class SupervisedRunner(Runner):
     # --------------------------------------------------------------- the step
     def _process_batch(self, batch: Any) -> Any:
         if isinstance(batch, (tuple, list)) and len(batch) == 2:
-            return {self._input_key_for_tuple(): batch[0], self._target_key: batch[1]}
+            key = self._input_key
+            key = key if isinstance(key, str) else self._input_key_for_tuple()
+            return {key: batch[0], self._target_key: batch[1]}
         return batch
 
     def _input_key_for_tuple(self) -> str:
@@ -69,7 +71,11 @@ class SupervisedRunner(Runner):
 
     def on_batch_start(self, runner: IRunner) -> None:
         """A 2-tuple batch becomes ``{input_key: ..., target_key: ...}`` before the callbacks."""
-        self.batch = self._process_batch(self.batch)
+        batch, key = self.batch, self._input_key
+        if type(batch) is list and len(batch) == 2 and type(key) is str:  # the loader's pair
+            self.batch = {key: batch[0], self._target_key: batch[1]}
+        elif type(batch) is not dict:  # anything else but a dict, or an error naming it
+            self.batch = self._process_batch(batch)
 
     def forward(self, batch: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
         """The model's outputs for `batch`, as a dict keyed by `output_key`."""
@@ -78,17 +84,19 @@ class SupervisedRunner(Runner):
                 f"SupervisedRunner expects a dict batch or a 2-tuple (inputs, targets), got a "
                 f"{type(batch).__name__}"
             )
-        if isinstance(self._input_key, str):
-            output = self.model(_get(batch, self._input_key), **kwargs)
+        key = self._input_key
+        if isinstance(key, str):
+            output = self.model(batch[key] if key in batch else _get(batch, key), **kwargs)
         elif self._input_key is None:
             output = self.model(**batch, **kwargs)
         else:
             output = self.model(**{key: _get(batch, key) for key in self._input_key}, **kwargs)
+        if isinstance(self._output_key, str):  # the common case without a call
+            return {self._output_key: output}
         return self._outputs(output)
 
     def _outputs(self, output: Any) -> dict[str, Any]:
-        if isinstance(self._output_key, str):
-            return {self._output_key: output}
+        """The outputs dict for `output_key` None (a dict output) or a list of keys."""
         if self._output_key is None:
             if not isinstance(output, Mapping):
                 raise RunnerError(

@@ -128,7 +128,14 @@ class IEngine:
 
     def move(self, batch: Any) -> Any:
         """Move a batch (tensors inside dicts/lists/tuples) to the device."""
-        return any2device(batch, self.device)
+        device = self._device
+        if type(batch) is list or type(batch) is tuple:  # the loader's (inputs, targets)
+            for item in batch:
+                if type(item) is not torch.Tensor or item.device != device:
+                    break
+            else:
+                return batch  # all on the device already: no copy, no call per item
+        return any2device(batch, device)
 
     # ------------------------------------------------------------------- steps
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -156,6 +163,17 @@ class IEngine:
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         """Clear gradients of the optimizer's parameters (set to None: no memset)."""
         optimizer.zero_grad(set_to_none=True)
+
+    def steps_as_torch(self) -> bool:
+        """Whether `backward`, `optimizer_step` and `zero_grad` are exactly ``loss.backward()``,
+        ``optimizer.step()`` and ``optimizer.zero_grad(set_to_none=True)`` (fp32 and none of
+        them replaced), so OptimizerCallback may call torch directly: three layers less a batch."""
+        own = ((self, IEngine, ("backward", "optimizer_step", "zero_grad")),
+               (self.precision, Precision, ("backward", "step")))  # fmt: skip
+        return all(
+            getattr(getattr(obj, name), "__func__", None) is getattr(base, name)
+            for obj, base, names in own for name in names
+        )  # fmt: skip
 
     @contextlib.contextmanager
     def no_sync(self, model: Any) -> Iterator[None]:

@@ -54,7 +54,8 @@ class AdditiveMetric(Metric):
                 carries its graph is fine); tensors should be on the metric's device.
             num_samples: how many samples `value` stands for (usually the batch size).
         """
-        self.count_later("num_samples", num_samples)  # a host int: no tensor op per batch
+        pending = self._pending  # count_later(...): a host int, no tensor op per batch
+        pending["num_samples"] = pending.get("num_samples", 0) + num_samples
         if isinstance(value, Tensor):
             # In-place ops promote into the float64 states: no conversion copy per batch.
             value = value.detach()

@@ -82,15 +82,12 @@ class AccuracyMetric(Metric):
         Raises:
             ValueError: if the shapes do not match (see `ddprun.metrics.functional.check_shapes`).
         """
-        count = targets.shape[0]
-        correct = self.add_counts(outputs, targets)
-        if correct.dim() == 0:
-            return [correct / count]
-        return list((correct.to(torch.get_default_dtype()) / count).unbind(0))
+        return batch_accuracies(self.add_counts(outputs, targets), targets.shape[0])
 
     def add_counts(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """`update` without the batch's accuracies (one tensor op less per batch): returns the
-        batch's correct count (0-dim for the top-1 fast path, else one per k)."""
+        batch's correct count (0-dim for the top-1 fast path, else one per k). `outputs` may
+        carry a graph: only an arg-max (not differentiable) reads it as it is."""
         count = targets.shape[0]
         if (
             self._top1
@@ -104,9 +101,10 @@ class AccuracyMetric(Metric):
             # a few microseconds more once a large model has pushed the dispatcher out of cache.
             correct = outputs.argmax(dim=1).eq(targets).sum()
             self.correct.add_(correct)
-            self.count_later("total", count)  # a host int: no tensor op per batch
+            pending = self._pending  # count_later("total", count), without the call
+            pending["total"] = pending.get("total", 0) + count
             return correct
-        correct = F.topk_correct(outputs, targets, self.topk, self.threshold)
+        correct = F.topk_correct(outputs.detach(), targets, self.topk, self.threshold)
         self.correct.add_(correct)
         self.count_later("total", count)
         return correct
@@ -125,6 +123,14 @@ class AccuracyMetric(Metric):
     def compute_key_value(self) -> dict[str, float]:
         """`{"accuracy01": ..., "accuracy03": ...}` for the configured k values."""
         return dict(zip(self.keys, self.compute()))
+
+
+def batch_accuracies(correct: Tensor, count: int) -> list[Tensor]:
+    """One batch's accuracy per k (0-dim tensors in the default float dtype) from the correct
+    counts `AccuracyMetric.add_counts` returned for its `count` samples."""
+    if correct.dim() == 0:
+        return [correct / count]
+    return list((correct.to(torch.get_default_dtype()) / count).unbind(0))
 
 
 class PrecisionRecallF1Support(NamedTuple):
