@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ddprun.callbacks._access import entries, select
-from ddprun.core.callback import Callback, CallbackOrder
+from ddprun.core.callback import Callback, CallbackOrder, Event
 
 if TYPE_CHECKING:
     from ddprun.core.runner import IRunner
@@ -106,6 +106,11 @@ class OptimizerCallback(Callback):
         step = runner.loader_batch_step
         return bool(step % self.accumulation_steps) and step != runner.loader_batch_len
 
+    def handles(self, event: Event) -> bool:
+        if event is Event.BATCH_START:  # only an accumulation window opens there
+            return self.accumulation_steps > 1
+        return super().handles(event)
+
     def on_batch_start(self, runner: IRunner) -> None:
         if self.accumulation_steps > 1 and runner.is_train_loader and self._accumulating(runner):
             self._sync_off = self._no_sync(runner.engine)  # open until this batch's backward
@@ -114,8 +119,11 @@ class OptimizerCallback(Callback):
         if not runner.is_train_loader:
             return
         if self._direct:  # what _backward and _step do, without their layers
-            metrics, key = runner.batch_metrics, self.metric_key
-            (metrics[key] if key in metrics else self._loss(runner)).backward()
+            metrics = runner.batch_metrics  # read as stored: no __getitem__ call
+            loss = dict.get(metrics, self.metric_key) if isinstance(metrics, dict) else None
+            if type(loss) is not torch.Tensor:  # missing (an error), deferred, or a subclass
+                loss = self._loss(runner)
+            loss.backward()
             for optimizer in self._optimizers:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

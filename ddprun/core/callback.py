@@ -123,6 +123,13 @@ class Callback(EventHooks):
         self.order = int(order)
         self.node = CallbackNode(node)
 
+    def handles(self, event: Event) -> bool:
+        """Whether the runner calls this callback at `event` (asked once per stage, when it
+        builds its dispatch lists): by default when the class overrides that method. A
+        callback whose method has nothing to do under its settings says False there and costs
+        no call per batch."""
+        return _overrides(self, event)
+
 
 def _overrides(callback: Callback, event: Event) -> bool:
     method = getattr(type(callback), event.value, None)
@@ -165,4 +172,9 @@ def build_dispatch(callbacks: Mapping[str, Callback]) -> dict[Event, list[Callba
 
     Built once per stage so that firing an event never calls a no-op.
     """
-    return {event: [cb for cb in callbacks.values() if _overrides(cb, event)] for event in Event}
+    return {event: [cb for cb in callbacks.values() if _handles(cb, event)] for event in Event}
+
+
+def _handles(callback: Any, event: Event) -> bool:
+    handles = getattr(callback, "handles", None)
+    return handles(event) if handles is not None else _overrides(callback, event)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ddprun import dl
-from ddprun.core.callback import keep_for_rank
+from ddprun.core.callback import Event, build_dispatch, keep_for_rank
 from tests.runner.helpers import Recorder, engine, linear, loader
 
 STAGES = ["stage_a", "stage_b"]
@@ -283,3 +283,40 @@ def test_stage_start_calls_the_factories_in_contract_order():
     per_stage = ["loaders", "model", "criterion", "optimizer", "scheduler", "callbacks"]
     assert calls == per_stage * 2
     assert isinstance(runner.criterion, torch.nn.MSELoss)
+
+
+class IdleAtBatchStart(dl.Callback):
+    """Overrides on_batch_start but says, through `handles`, that it has nothing to do there."""
+
+    def __init__(self) -> None:
+        super().__init__(order=0)
+        self.calls = {"on_batch_start": 0, "on_batch_end": 0}
+
+    def handles(self, event: Event) -> bool:
+        return event is not Event.BATCH_START and super().handles(event)
+
+    def on_batch_start(self, runner: Any) -> None:
+        self.calls["on_batch_start"] += 1
+
+    def on_batch_end(self, runner: Any) -> None:
+        self.calls["on_batch_end"] += 1
+
+
+def test_handles_keeps_an_idle_method_out_of_the_dispatch():
+    idle = IdleAtBatchStart()
+    model = linear()
+    dl.SupervisedRunner().train(
+        model=model,
+        loaders={"train": loader(16, 4)},
+        criterion=torch.nn.MSELoss(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        callbacks=[idle],
+        engine=engine(),
+        loggers={},
+    )
+    assert idle.calls == {"on_batch_start": 0, "on_batch_end": 4}
+    dispatch = build_dispatch(
+        {"one": dl.OptimizerCallback(), "two": dl.OptimizerCallback(accumulation_steps=2)}
+    )
+    assert [cb.accumulation_steps for cb in dispatch[Event.BATCH_START]] == [2]
+    assert len(dispatch[Event.BATCH_END]) == 2
