@@ -27,7 +27,7 @@ import torch
 
 TARGETS = {"tiny": 1.05, "mlp": 1.02}
 WORKLOADS = {"alternate": "full", "fresh": "lean"}
-REPS = {"alternate": (5, 3), "fresh": (7, 2)}  # pairs: full runs, quick runs
+REPS = {"alternate": (5, 3), "fresh": (12, 2)}  # pairs: full runs, quick runs (fresh: +-5% apart)
 
 
 def fresh_run(kind: str, model: str, quick: bool, lean: bool) -> dict:
@@ -84,7 +84,7 @@ def measure(method: str, work: bc.Workload, model: str, reps: int, lean: bool, q
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1 epoch of 4096 samples")
-    parser.add_argument("--reps", type=int, default=None, help="pairs (5, fresh 7; quick 3, 2)")
+    parser.add_argument("--reps", type=int, default=None, help="pairs (5, fresh 12; quick 3, 2)")
     parser.add_argument("--models", default=",".join(bc.MODELS))
     parser.add_argument("--methods", default="alternate,fresh")
     parser.add_argument("--workload", choices=("lean", "full"), default=None)

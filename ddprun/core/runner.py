@@ -52,7 +52,7 @@ after them. At loader end every tracked metric (`track_metric`) and the per-key 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -244,45 +244,44 @@ class IRunner(RunnerSurface):
         else:
             batches = self._resume.continue_loader(self, loader, position)
         with torch.set_grad_enabled(self.is_train_loader):
-            for batch in batches:
-                self._run_batch(batch)
-                if self.need_early_stop:
-                    self.need_early_stop = False
-                    break
+            self._run_batches(batches)
         self._end_loader()
 
-    def _run_batch(self, batch: Any) -> None:
-        engine = self.engine
-        self.batch = engine.move(batch)
-        self.batch_size = size = batch_size_of(self.batch)
-        self.batch_metrics = BatchMetrics()  # a dict; metric values computed when read
-        samples = size * engine.world_size
-        self.loader_batch_step += 1
-        self.loader_sample_step += samples
-        train = self.is_train_loader
-        if train:
-            self.global_batch_step += 1
-            self.global_sample_step += samples
-        on_start, on_end = self._on_batch  # per stage: no event lookup per batch
-        for method in on_start:
-            method(self)
-        if self._fp32:  # batch_start callbacks may have replaced self.batch
-            self.handle_batch(self.batch)
-        else:
-            with engine.autocast():
+    def _run_batches(self, batches: Iterator[Any]) -> None:
+        """The hot loop: what stays the same over a loader is read once, not per batch."""
+        engine, stop, sync, on_batch = self.engine, self._stop, self.loader_sync, self._on_batch
+        train, world, (on_start, on_end) = self.is_train_loader, engine.world_size, on_batch
+        for batch in batches:
+            self.batch = engine.move(batch)
+            self.batch_size = size = batch_size_of(self.batch)
+            self.batch_metrics = BatchMetrics()  # a dict; metric values computed when read
+            self.loader_batch_step += 1
+            self.loader_sample_step += size * world
+            if train:
+                self.global_batch_step += 1
+                self.global_sample_step += size * world
+            for method in on_start:
+                method(self)
+            if self._fp32:  # batch_start callbacks may have replaced self.batch
                 self.handle_batch(self.batch)
-        if train:
-            # before batch_end, so CheckpointCallback saves this batch when a stop is agreed
-            self._stop.after_train_batch()
-        for method in on_end:
-            method(self)
-        self.loader_sync.add_batch(self.batch_metrics, self.batch_size)
-        for logger in self._batch_loggers:
-            logger.log_metrics(self.batch_metrics, "batch", self)
-        if train and self._stop.signal is not None:
-            # agreed at this batch (saved by CheckpointCallback); a stop agreed at a loader end
-            # waits for the epoch's end and its checkpoint instead
-            raise RunStopped(self._stop.signal)
+            else:
+                with engine.autocast():
+                    self.handle_batch(self.batch)
+            if train:
+                # before batch_end, so CheckpointCallback saves this batch when a stop is agreed
+                stop.after_train_batch()
+            for method in on_end:
+                method(self)
+            sync.add_batch(self.batch_metrics, self.batch_size)
+            for logger in self._batch_loggers:
+                logger.log_metrics(self.batch_metrics, "batch", self)
+            if train and stop.signal is not None:
+                # agreed at this batch (saved by CheckpointCallback); a stop agreed at a loader
+                # end waits for the epoch's end and its checkpoint instead
+                raise RunStopped(stop.signal)
+            if self.need_early_stop:
+                self.need_early_stop = False
+                break
 
     # ------------------------------------------------------------- bookkeeping
     def _reset_experiment_state(self) -> None:
