@@ -64,13 +64,22 @@ def overrides(runner: IRunner, event: Event) -> bool:
     return own is not None and own is not getattr(RunnerHooks, event.value)
 
 
+# the runner's own state: loaders, batches, callbacks, loggers and metric values, never meters
+# (and reading batch_metrics' values would compute its deferred ones)
+RUNNER_STATE = frozenset(
+    {"engine", "loaders", "loader", "callbacks", "loggers", "batch", "batch_metrics",
+     "loader_metrics", "epoch_metrics", "loader_sync", "resumed_checkpoint", "exception"}
+)  # fmt: skip
+
+
 def metrics_held_by(runner: IRunner) -> list[Metric]:
     """Metrics among the runner's public attributes (directly, or as values of a dict, list or
     tuple attribute), in attribute order: the same on every rank running the same code. A bare
-    ``torchmetrics.Metric`` counts too, through its `TorchMetric` adapter."""
+    ``torchmetrics.Metric`` counts too, through its `TorchMetric` adapter. The runner's own state
+    (`RUNNER_STATE`: loaders, batches, callbacks, ...) is not searched."""
     found: list[Metric] = []
     for name, value in vars(runner).items():
-        if name.startswith("_"):
+        if name.startswith("_") or name in RUNNER_STATE:
             continue
         items = value.values() if isinstance(value, Mapping) else value
         if not isinstance(value, (Mapping, list, tuple)):
